@@ -1,0 +1,189 @@
+"""Makes Megatron-Core run on CPU (gloo) when CUDA is absent; does nothing otherwise.
+
+This is the only module of the package that changes mcore behaviour. Every patch is guarded by
+``torch.cuda.is_available()`` and applied once by :func:`apply_cpu_patches`.
+
+What it does on a CUDA-less machine:
+
+* replaces mcore 0.19's one triton-importing MoE module when triton is absent;
+* ``torch.cuda.current_device`` returns ``"cpu"``, and ``current_stream``/``synchronize`` are
+  no-ops, so mcore's ``device=torch.cuda.current_device()`` allocations land on the CPU;
+* the CUDA RNG tracker (``megatron.core.tensor_parallel.random``) is backed by CPU generator states;
+* ``get_default_causal_mask`` (which hard-codes ``device="cuda"``) builds its mask on the CPU;
+* :func:`cuda_to_cpu` is a ``TorchFunctionMode`` that maps literal ``device="cuda"`` and
+  ``.cuda()`` calls (mcore's DDP, optimizer and pipeline schedules) onto the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.machinery
+import importlib.util
+import sys
+import types
+import warnings
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_APPLIED = False
+
+
+def cpu_mode() -> bool:
+    """True when the patches act (no CUDA device)."""
+    return not torch.cuda.is_available()
+
+
+def _stub_paged_stash() -> None:
+    """mcore 0.19 imports ``triton`` in one MoE module at package import; triton is absent on CPU
+    builds and the module is unused by dense models, so it is replaced by an empty module."""
+    if importlib.util.find_spec("triton") is not None:
+        return
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    try:
+        if importlib.util.find_spec(name) is None:
+            return
+    except ModuleNotFoundError:
+        return
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
+    sys.modules[name] = module
+
+
+class CpuRNGStatesTracker:
+    """CPU stand-in for mcore's ``CudaRNGStatesTracker``: named CPU generator states."""
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        saved = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _map_device(device):
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(device, int):
+        return "cpu"
+    return device
+
+
+class _CudaToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs["device"] = _map_device(kwargs["device"])
+        if func in (torch.Tensor.cuda,):
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple(_map_device(a) for a in args)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_to_cpu():
+    """Maps ``device="cuda"``/``.cuda()`` inside the block to the CPU (no-op when CUDA exists)."""
+    if not cpu_mode():
+        yield
+        return
+    with _CudaToCpu():
+        yield
+
+
+def _patch_torch_cuda() -> None:
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+
+    class _NullStream:
+        def wait_stream(self, *a, **k):
+            pass
+
+        def synchronize(self):
+            pass
+
+        def record_event(self, *a, **k):
+            return None
+
+    torch.cuda.current_stream = lambda *a, **k: _NullStream()
+
+
+def _patch_mcore() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer import utils as transformer_utils
+    from megatron.core.fusions import fused_softmax
+
+    transformer_utils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+
+    original_init = mcore_random.initialize_rng_tracker
+
+    @functools.wraps(original_init)
+    def initialize_rng_tracker(*args, force_reset=False, **kwargs):
+        if mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED and not force_reset:
+            return
+        mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+        mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    mcore_random.initialize_rng_tracker = initialize_rng_tracker
+    mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    # model_parallel_cuda_manual_seed calls torch.cuda.manual_seed, a lazy no-op without CUDA.
+
+
+def apply_cpu_patches() -> bool:
+    """Applies every CPU patch once; returns whether they are active."""
+    global _APPLIED
+    if not cpu_mode():
+        return False
+    if _APPLIED:
+        return True
+    _stub_paged_stash()
+    # mcore warns at import that TE/apex are absent; on a CPU machine that is expected.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    _patch_torch_cuda()
+    _patch_mcore()
+    _APPLIED = True
+    return True

@@ -1,0 +1,138 @@
+"""Model architecture config for the Llama family, and exact parameter counting."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+ACTIVATIONS = ("swiglu", "gelu")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only Llama-family model, stored beside every checkpoint."""
+
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Embedding / residual stream width."""
+    ffn_hidden_size: int = 128
+    """MLP intermediate width (per half for gated MLPs)."""
+    num_attention_heads: int = 4
+    """Number of query heads."""
+    num_query_groups: Optional[int] = None
+    """Number of key/value heads (GQA); None means one per query head (MHA)."""
+    kv_channels: Optional[int] = None
+    """Head dimension; None means hidden_size // num_attention_heads. Kept explicit after pruning."""
+    vocab_size: int = 256
+    """Rows of the embedding table (must be divisible by the tensor parallel size)."""
+    max_position_embeddings: int = 2048
+    """Longest sequence the model accepts."""
+    normalization: str = "RMSNorm"
+    """RMSNorm or LayerNorm."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of every norm."""
+    activation: str = "swiglu"
+    """swiglu (gated SiLU) or gelu (plain MLP)."""
+    rotary_base: float = 10000.0
+    """RoPE base (theta)."""
+    rotary_percent: float = 1.0
+    """Fraction of the head dimension rotated."""
+    tie_word_embeddings: bool = True
+    """Output layer shares the input embedding."""
+    add_bias_linear: bool = False
+    """Biases on every linear layer."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection only (Qwen2)."""
+    init_method_std: float = 0.02
+    """Std of the normal initialisation of new weights."""
+    extra: Dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (source HF architecture, pruning history, ...)."""
+
+    def __post_init__(self):
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        if self.kv_channels is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; set kv_channels explicitly"
+                )
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "kv_channels", "vocab_size", "max_position_embeddings"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"num_query_groups={self.num_query_groups}; pick a divisor"
+            )
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization={self.normalization!r}; use one of {NORMALIZATIONS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}; use one of {ACTIVATIONS}")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation == "swiglu"
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def check_layout(self, tp: int, pp: int) -> None:
+        """Raises ValueError when TP or PP does not divide what it must split."""
+        checks = (
+            ("num_attention_heads", self.num_attention_heads, tp, "--tensor-model-parallel-size"),
+            ("num_query_groups", self.num_query_groups, tp, "--tensor-model-parallel-size"),
+            ("ffn_hidden_size", self.ffn_hidden_size, tp, "--tensor-model-parallel-size"),
+            ("vocab_size", self.vocab_size, tp, "--tensor-model-parallel-size"),
+            ("num_layers", self.num_layers, pp, "--pipeline-model-parallel-size"),
+        )
+        for name, value, size, flag in checks:
+            if value % size:
+                raise ValueError(
+                    f"{flag}={size} does not divide {name}={value}; choose a size that divides it"
+                )
+
+
+def count_parameters(cfg: ModelConfig) -> Dict[str, int]:
+    """Exact parameter counts of the GPTModel that :func:`build_model` makes for ``cfg``.
+
+    Returns ``{"total", "embedding", "non_embedding"}``; the output layer counts as embedding.
+    """
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    q_out = cfg.num_attention_heads * d
+    kv_out = cfg.num_query_groups * d
+    norm = h if cfg.normalization == "RMSNorm" else 2 * h
+    qkv_bias = cfg.add_bias_linear or cfg.add_qkv_bias
+    attn = h * (q_out + 2 * kv_out) + (q_out + 2 * kv_out if qkv_bias else 0)
+    attn += q_out * h + (h if cfg.add_bias_linear else 0)
+    fc1_out = 2 * f if cfg.gated else f
+    mlp = h * fc1_out + f * h + ((fc1_out + h) if cfg.add_bias_linear else 0)
+    per_layer = attn + mlp + 2 * norm
+    embedding = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
+    non_embedding = cfg.num_layers * per_layer + norm
+    return {"total": embedding + non_embedding, "embedding": embedding,
+            "non_embedding": non_embedding}
