@@ -12,7 +12,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from megatron_minitron.compat.cpu import apply_cpu_patches, cpu_mode
+from megatron_minitron.compat.cpu import apply_cpu_patches, cpu_mode, cuda_to_cpu
 from megatron_minitron.config import ModelConfig
 
 apply_cpu_patches()
@@ -87,7 +87,15 @@ def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
     cfg.check_layout(parallel_state.get_tensor_model_parallel_world_size(),
                      parallel_state.get_pipeline_model_parallel_world_size())
     use_te = te_available() if use_te is None else use_te
-    model = GPTModel(
+    with cuda_to_cpu():  # tied embeddings under PP call .cuda() while syncing the output layer
+        model = _gpt_model(cfg, params_dtype, use_te)
+    if not cpu_mode():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool) -> GPTModel:
+    return GPTModel(
         config=transformer_config(cfg, params_dtype),
         transformer_layer_spec=layer_spec(cfg, use_te),
         vocab_size=cfg.vocab_size,
@@ -99,9 +107,6 @@ def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
         rotary_percent=cfg.rotary_percent,
         rotary_base=int(cfg.rotary_base) if float(cfg.rotary_base).is_integer() else cfg.rotary_base,
     )
-    if not cpu_mode():
-        model.cuda(torch.cuda.current_device())
-    return model
 
 
 # ---------------------------------------------------------------- module access

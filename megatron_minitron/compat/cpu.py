@@ -179,10 +179,12 @@ def apply_cpu_patches() -> bool:
         return False
     if _APPLIED:
         return True
-    _stub_paged_stash()
     # mcore warns at import that TE/apex are absent; on a CPU machine that is expected.
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
-    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
+    for message in (r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed",
+                    r".*full scope is deprecated", r".*CUDA_DEVICE_MAX_CONNECTIONS",
+                    r".*deprecating ShardedTensor", r".*`load_state_dict` is deprecated"):
+        warnings.filterwarnings("ignore", message=message)
+    _stub_paged_stash()
     _patch_torch_cuda()
     _patch_mcore()
     _APPLIED = True

@@ -1,0 +1,165 @@
+"""Checkpoints: mcore dist_checkpointing shards plus the model config, written atomically.
+
+Layout of a checkpoint directory ``CKPT``::
+
+    CKPT/minitron_config.json   # {"format", "version", "model": ModelConfig, "meta": {...}}
+    CKPT/metadata.json, *.distcp, common.pt   # megatron.core.dist_checkpointing (torch_dist)
+
+A save writes into ``CKPT.tmp`` and renames it into place only when every rank has finished, so a
+crash mid-save never leaves a directory that loads as complete. A directory is "ours" when it
+holds ``minitron_config.json``; nothing else is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron_minitron import adapter, parallel
+from megatron_minitron.config import ModelConfig
+
+CONFIG_FILE = "minitron_config.json"
+FORMAT = "megatron_minitron.checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A path that is not a loadable checkpoint of ours, or may not be overwritten."""
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def check_output_path(path: str) -> None:
+    """Raises unless ``path`` is absent, an empty directory, or one of our checkpoints."""
+    if not os.path.exists(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.access(parent if os.path.isdir(parent) else os.path.dirname(parent), os.W_OK):
+            raise CheckpointError(f"--output {path}: parent directory is not writable")
+        return
+    if os.path.isfile(path):
+        raise CheckpointError(f"--output {path} is an existing file; choose a new directory")
+    if os.listdir(path) and not is_checkpoint(path):
+        raise CheckpointError(
+            f"--output {path} exists and is not a megatron_minitron checkpoint; "
+            "choose a new or empty directory"
+        )
+
+
+def read_checkpoint_info(path: str) -> Dict[str, Any]:
+    """Reads and validates ``minitron_config.json``; raises CheckpointError with the fix."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"--load {path} does not exist; pass a checkpoint directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--load {path} is not a directory; pass a checkpoint directory")
+    config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise CheckpointError(
+            f"--load {path} has no {CONFIG_FILE}: not a megatron_minitron checkpoint "
+            "(convert Hugging Face models with `minitron import-hf`)"
+        )
+    try:
+        with open(config_path) as handle:
+            info = json.load(handle)
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"--load {path}: unreadable {CONFIG_FILE} ({err})") from err
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"--load {path}: {CONFIG_FILE} has format {info.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+    return info
+
+
+def load_config(path: str) -> ModelConfig:
+    return ModelConfig.from_dict(read_checkpoint_info(path)["model"])
+
+
+def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, cfg: ModelConfig, path: str,
+                    meta: Optional[Dict[str, Any]] = None,
+                    extra_state: Optional[Dict[str, Any]] = None) -> None:
+    """Saves this rank's shards of ``model`` (collective over all ranks) atomically to ``path``.
+
+    ``extra_state``: a plain dict (optimizer step, data position, ...) stored by rank 0 as
+    ``extra_state.pt``.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp"
+    if parallel.is_rank0():
+        check_output_path(path)
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+    parallel.barrier()
+    dist_checkpointing.save(adapter.sharded_state_dict(model), tmp)
+    parallel.barrier()
+    if parallel.is_rank0():
+        if extra_state is not None:
+            torch.save(extra_state, os.path.join(tmp, "extra_state.pt"))
+        layout = parallel.current_layout()
+        info = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(),
+                "meta": dict(meta or {}, saved_layout={"tp": layout.tp, "pp": layout.pp})}
+        _write_json_atomic(os.path.join(tmp, CONFIG_FILE), info)
+        old = f"{path}.old"
+        if os.path.exists(path):
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    parallel.barrier()
+
+
+def load_weights(model, path: str) -> None:
+    """Loads the checkpoint's weights into ``model`` (built at the current layout)."""
+    from megatron.core import dist_checkpointing
+
+    sharded = model.sharded_state_dict()
+    canonical_to_module = {}
+    request = {}
+    for key, value in sharded.items():
+        if key.endswith("_extra_state"):
+            continue
+        canon = adapter.canonical_key(key)
+        canonical_to_module[canon] = key
+        if hasattr(value, "key"):
+            value.key = adapter.canonical_key(value.key)
+        request[canon] = value
+    loaded = dist_checkpointing.load(request, path)
+    state = {canonical_to_module[k]: v for k, v in loaded.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]})")
+
+
+def load_checkpoint(path: str, params_dtype: torch.dtype = torch.float32):
+    """Builds the model described by ``path``'s config at the current layout and loads it.
+
+    Returns ``(model, cfg)``.
+    """
+    cfg = load_config(path)
+    model = adapter.build_gpt_model(cfg, params_dtype=params_dtype)
+    load_weights(model, path)
+    return model, cfg
+
+
+def load_extra_state(path: str) -> Optional[Dict[str, Any]]:
+    file = os.path.join(path, "extra_state.pt")
+    return torch.load(file, weights_only=False) if os.path.isfile(file) else None

@@ -1,0 +1,102 @@
+"""Forward passes through a (possibly pipelined) mcore GPTModel, via mcore's schedules."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron import adapter
+from megatron_minitron.compat.cpu import cuda_to_cpu
+
+
+def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
+    """[b, s] positions 0..s-1."""
+    batch, seq = tokens.shape
+    return torch.arange(seq, device=tokens.device).unsqueeze(0).expand(batch, seq)
+
+
+def _to_device(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def pipeline_forward(
+    model,
+    micro_batches: List[Dict[str, torch.Tensor]],
+    collect: Callable[[torch.Tensor, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]],
+    with_labels: bool = False,
+) -> Optional[List[Dict[str, torch.Tensor]]]:
+    """Runs forward-only over ``micro_batches`` at the current layout (collective over PP).
+
+    Each micro-batch holds ``tokens`` [b, s] (and ``labels`` [b, s] when ``with_labels``).
+    ``collect(output, batch)`` runs on the last pipeline stage with the model output — logits
+    [b, s, v/tp] or, with labels, the per-token loss [b, s] — and returns a dict of tensors.
+    Returns the list of those dicts on the last stage and None on other stages.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = next(model.parameters()).device
+    batches = iter(micro_batches)
+
+    def forward_step(data_iterator, stage_model):
+        batch = _to_device(next(data_iterator), device)
+        tokens = batch["tokens"]
+        output = stage_model(
+            tokens,
+            position_ids_for(tokens),
+            attention_mask=None,
+            labels=batch["labels"] if with_labels else None,
+        )
+
+        def loss_func(output_tensor):
+            return torch.zeros((), device=device), collect(output_tensor, batch)
+
+        return output, loss_func
+
+    first = micro_batches[0]["tokens"]
+    model.eval()
+    with torch.no_grad(), cuda_to_cpu():
+        results = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=batches,
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=first.shape[1],
+            micro_batch_size=first.shape[0],
+            forward_only=True,
+        )
+    return results if adapter.is_last_stage() else None
+
+
+def gather_vocab_parallel(logits: torch.Tensor) -> torch.Tensor:
+    """[b, s, v/tp] → [b, s, v] on every TP rank."""
+    group = adapter.get_tp_group()
+    size = dist.get_world_size(group) if dist.is_initialized() else 1
+    if size == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(size)]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def broadcast_from_last_stage(obj):
+    """Sends a picklable object from the last pipeline stage to every stage."""
+    group = adapter.get_pp_group()
+    size = dist.get_world_size(group) if dist.is_initialized() else 1
+    if size == 1:
+        return obj
+    src = dist.get_global_rank(group, size - 1)
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def full_logits(model, tokens: torch.Tensor, micro_batch_size: int = 1) -> torch.Tensor:
+    """Full-vocab logits [n, s, v] for ``tokens`` [n, s], on every rank (any TP/PP layout)."""
+    micro = [{"tokens": tokens[i:i + micro_batch_size]}
+             for i in range(0, tokens.shape[0], micro_batch_size)]
+    out = pipeline_forward(model, micro,
+                           lambda logits, batch: {"logits": gather_vocab_parallel(logits).cpu()})
+    logits = torch.cat([r["logits"] for r in out], dim=0) if out is not None else None
+    return broadcast_from_last_stage(logits)
