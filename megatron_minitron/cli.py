@@ -1,0 +1,78 @@
+"""The ``minitron`` command line: one subcommand per stage.
+
+    minitron --help
+    torchrun --nproc-per-node 2 -m megatron_minitron eval --load CKPT --text-file F --tp 2
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``main(args)``;
+modules are imported only when their command runs, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Dict, Tuple
+
+COMMANDS: Dict[str, Tuple[str, str]] = {
+    "import-hf": ("megatron_minitron.commands.hf", "import a Hugging Face Llama-style model"),
+    "export-hf": ("megatron_minitron.commands.hf", "export a checkpoint to Hugging Face format"),
+    "preprocess-data": ("megatron_minitron.commands.data",
+                        "tokenize text/JSONL into a Megatron indexed dataset"),
+    "eval": ("megatron_minitron.commands.eval", "LM loss and perplexity of a checkpoint"),
+}
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """Megatron's layout flags; data parallel size is the rest of the world size."""
+    group = parser.add_argument_group("parallel layout")
+    group.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1,
+                       help="tensor parallel size (default 1)")
+    group.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1,
+                       help="pipeline parallel size (default 1)")
+    group.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
+
+
+def _command_module(name: str):
+    return importlib.import_module(COMMANDS[name][0])
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minitron",
+        description="Prune and distill Megatron-Core LLMs into smaller ones (Minitron).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if only == name:
+            _command_module(name).add_arguments(command, name)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command is not None and command not in COMMANDS:
+        print(f"minitron: unknown command {command!r}; choose from {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    parser = build_parser(only=command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(_command_module(args.command).main(args) or 0)
+    except ValueError as err:  # UsageError and config validation: one line, no traceback
+        if os.environ.get("MINITRON_DEBUG"):
+            raise
+        print(f"minitron {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
