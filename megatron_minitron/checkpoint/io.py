@@ -21,14 +21,27 @@ import torch
 
 from megatron_minitron import adapter, parallel
 from megatron_minitron.config import ModelConfig
+from megatron_minitron.errors import UsageError
 
 CONFIG_FILE = "minitron_config.json"
+TOKENIZER_DIR = "tokenizer"
 FORMAT = "megatron_minitron.checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A path that is not a loadable checkpoint of ours, or may not be overwritten."""
+
+
+def tokenizer_dir(path: str) -> Optional[str]:
+    """The HF tokenizer folder of a checkpoint (``path/tokenizer``), or ``path`` itself if it
+    holds tokenizer files; None when there is none."""
+    inner = os.path.join(path, TOKENIZER_DIR)
+    if os.path.isdir(inner):
+        return inner
+    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        return path
+    return None
 
 
 def is_checkpoint(path: str) -> bool:
@@ -38,9 +51,6 @@ def is_checkpoint(path: str) -> bool:
 def check_output_path(path: str) -> None:
     """Raises unless ``path`` is absent, an empty directory, or one of our checkpoints."""
     if not os.path.exists(path):
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.access(parent if os.path.isdir(parent) else os.path.dirname(parent), os.W_OK):
-            raise CheckpointError(f"--output {path}: parent directory is not writable")
         return
     if os.path.isfile(path):
         raise CheckpointError(f"--output {path} is an existing file; choose a new directory")
@@ -89,11 +99,13 @@ def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
 
 def save_checkpoint(model, cfg: ModelConfig, path: str,
                     meta: Optional[Dict[str, Any]] = None,
-                    extra_state: Optional[Dict[str, Any]] = None) -> None:
+                    extra_state: Optional[Dict[str, Any]] = None,
+                    tokenizer_from: Optional[str] = None) -> None:
     """Saves this rank's shards of ``model`` (collective over all ranks) atomically to ``path``.
 
     ``extra_state``: a plain dict (optimizer step, data position, ...) stored by rank 0 as
-    ``extra_state.pt``.
+    ``extra_state.pt``. ``tokenizer_from``: a directory of HF tokenizer files (or a checkpoint
+    holding ``tokenizer/``) copied into ``path/tokenizer``.
     """
     from megatron.core import dist_checkpointing
 
@@ -108,6 +120,9 @@ def save_checkpoint(model, cfg: ModelConfig, path: str,
     dist_checkpointing.save(adapter.sharded_state_dict(model), tmp)
     parallel.barrier()
     if parallel.is_rank0():
+        source = tokenizer_dir(tokenizer_from) if tokenizer_from else None
+        if source:
+            shutil.copytree(source, os.path.join(tmp, TOKENIZER_DIR))
         if extra_state is not None:
             torch.save(extra_state, os.path.join(tmp, "extra_state.pt"))
         layout = parallel.current_layout()
