@@ -37,18 +37,22 @@ def cpu_mode() -> bool:
 
 def _stub_paged_stash() -> None:
     """mcore 0.19 imports ``triton`` in one MoE module at package import; triton is absent on CPU
-    builds and the module is unused by dense models, so it is replaced by an empty module."""
+    builds and the module (paged activation stashing for MoE on GPU) is unused by dense models,
+    so a stand-in that names its exports is registered first. Harmless where it does not exist."""
     if importlib.util.find_spec("triton") is not None:
         return
     name = "megatron.core.transformer.moe.ops.paged_stash"
-    try:
-        if importlib.util.find_spec(name) is None:
-            return
-    except ModuleNotFoundError:
-        return
+
+    def _needs_gpu(*args, **kwargs):
+        raise RuntimeError("paged stash kernels need triton and a GPU")
+
     module = types.ModuleType(name)
     module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None)
-    sys.modules[name] = module
+    module.GLOBAL_BLOCK_SIZE = 1024
+    module.paged_stash_copy_kernel = _needs_gpu
+    module.paged_stash_pop_kernel = _needs_gpu
+    module.__all__ = ["GLOBAL_BLOCK_SIZE", "paged_stash_copy_kernel", "paged_stash_pop_kernel"]
+    sys.modules.setdefault(name, module)
 
 
 class CpuRNGStatesTracker:
@@ -182,7 +186,8 @@ def apply_cpu_patches() -> bool:
     # mcore warns at import that TE/apex are absent; on a CPU machine that is expected.
     for message in (r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed",
                     r".*full scope is deprecated", r".*CUDA_DEVICE_MAX_CONNECTIONS",
-                    r".*deprecating ShardedTensor", r".*`load_state_dict` is deprecated"):
+                    r".*deprecating ShardedTensor", r".*`load_state_dict` is deprecated",
+                    r".*absl.logging is not installed"):
         warnings.filterwarnings("ignore", message=message)
     _stub_paged_stash()
     _patch_torch_cuda()
