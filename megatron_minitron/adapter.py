@@ -152,7 +152,45 @@ def layer_norms(layer) -> List[torch.nn.Module]:
 
 
 def final_norm(model: GPTModel):
-    return getattr(model.decoder, "final_layernorm", None)
+    """The decoder's final norm on the last pipeline stage, else None."""
+    norm = getattr(model.decoder, "final_layernorm", None)
+    return None if isinstance(norm, torch.nn.Identity) else norm
+
+
+def layer_hidden_input(args, kwargs) -> torch.Tensor:
+    """The [s, b, h] residual stream entering a TransformerLayer, from a forward hook's inputs."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def layer_hidden_output(output) -> torch.Tensor:
+    """The [s, b, h] residual stream leaving a TransformerLayer (its forward returns a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def replace_layer_output(output, hidden: torch.Tensor):
+    """A TransformerLayer output with its hidden states replaced (used to skip a layer)."""
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def linear_output(output) -> torch.Tensor:
+    """mcore's Column/RowParallelLinear return ``(output, bias)``; this is the output."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def attention_qkv(layer) -> torch.nn.Module:
+    """Column-parallel fused QKV linear; its rows go query group by query group, each group
+    holding [its query heads, its key head, its value head] (heads_per_group + 2 heads)."""
+    return layer.self_attention.linear_qkv
+
+
+def word_embeddings(model: GPTModel) -> torch.nn.Module:
+    """Vocab-parallel input embedding (first stage only)."""
+    return model.embedding.word_embeddings
+
+
+def output_layer(model: GPTModel) -> torch.nn.Module:
+    """Column-parallel output projection (last stage); it holds no weight when tied."""
+    return model.output_layer
 
 
 # ---------------------------------------------------------------- state dict naming

@@ -1,0 +1,109 @@
+"""Aggregation of per-token activation scores over sequence, then over batch, exact across ranks.
+
+A score source yields per-token values ``x`` of shape [s, b, c] (c = channels, heads, neurons).
+Each sample is first reduced over its sequence (``seq``: mean, l2 or var) to a [b, c] vector; those
+per-sample vectors are then reduced over every calibration sample (``batch``: mean, l2 or var).
+
+The batch reduction keeps ``(count, mean, M2)`` per channel (Chan/Welford form, float64), which
+merges exactly between data parallel ranks: l2 = sqrt(M2 + n·mean²), var = M2 / n (population).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron.errors import UsageError
+
+REDUCTIONS = ("mean", "l2", "var")
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How per-token scores become one number per component."""
+
+    batch: str = "l2"
+    """Reduction over calibration samples: mean, l2 or var."""
+    seq: str = "mean"
+    """Reduction over each sample's tokens: mean, l2 or var."""
+
+    def __post_init__(self):
+        for axis, name in (("batch", self.batch), ("sequence", self.seq)):
+            if name not in REDUCTIONS:
+                raise UsageError(f"unknown {axis} aggregation {name!r}; use one of "
+                                 f"{', '.join(REDUCTIONS)} (e.g. --aggregation l2,mean)")
+
+    @classmethod
+    def parse(cls, text: str) -> "Aggregation":
+        """``"l2,mean"`` → Aggregation(batch="l2", seq="mean")."""
+        parts = [p.strip().lower() for p in text.split(",")]
+        if len(parts) != 2:
+            raise UsageError(f"--aggregation {text!r} must be BATCH,SEQ (e.g. l2,mean); each of "
+                             f"{', '.join(REDUCTIONS)}")
+        return cls(batch=parts[0], seq=parts[1])
+
+    def __str__(self) -> str:
+        return f"{self.batch},{self.seq}"
+
+
+def reduce_sequence(values: torch.Tensor, how: str) -> torch.Tensor:
+    """[s, b, c] → [b, c] in float64."""
+    values = values.double()
+    if how == "mean":
+        return values.mean(dim=0)
+    if how == "l2":
+        return values.pow(2).sum(dim=0).sqrt()
+    return values.var(dim=0, unbiased=False)
+
+
+class StreamingStat:
+    """Running (count, mean, M2) over samples for ``num_channels`` channels."""
+
+    def __init__(self, num_channels: int, agg: Aggregation, device=None):
+        self.agg = agg
+        self.count = 0
+        self.mean = torch.zeros(num_channels, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(num_channels, dtype=torch.float64, device=device)
+
+    def update(self, values: torch.Tensor) -> torch.Tensor:
+        """Adds per-token values [s, b, c]; returns the per-sample reduction [b, c]."""
+        per_sample = reduce_sequence(values, self.agg.seq)
+        self.merge(per_sample.shape[0], per_sample.mean(dim=0),
+                   per_sample.var(dim=0, unbiased=False) * per_sample.shape[0])
+        return per_sample
+
+    def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if count == 0:
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta.pow(2) * (self.count * count / total)
+        self.count = total
+
+    def all_merge(self, group=None) -> None:
+        """Merges the states of every rank of ``group`` (in rank order) into each rank."""
+        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+            return
+        size = dist.get_world_size(group)
+        packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64,
+                                         device=self.mean.device), self.mean, self.m2])
+        parts: List[torch.Tensor] = [torch.empty_like(packed) for _ in range(size)]
+        dist.all_gather(parts, packed, group=group)
+        channels = self.mean.numel()
+        self.count, self.mean, self.m2 = 0, torch.zeros_like(self.mean), torch.zeros_like(self.m2)
+        for part in parts:
+            self.merge(int(part[0].item()), part[1:1 + channels], part[1 + channels:])
+
+    def result(self) -> torch.Tensor:
+        """Final scores [c] (float64)."""
+        if self.count == 0:
+            return torch.zeros_like(self.mean)
+        if self.agg.batch == "mean":
+            return self.mean.clone()
+        if self.agg.batch == "l2":
+            return (self.m2 + self.count * self.mean.pow(2)).clamp_min(0).sqrt()
+        return self.m2 / self.count

@@ -1,0 +1,153 @@
+"""Importance estimation end to end: width scores, layer PPL, BI and block BI; the SCORES file.
+
+SCORES (``torch.load``-able dict)::
+
+    head [L, H]  query_group [L, G]  neuron [L, F]  channel [hidden]
+    layer_ppl [L]  layer_bi [L]  block_bi {n: [L − n + 1]}
+    meta {model, aggregation, neuron_source, num_samples, num_tokens, data_fingerprint, ...}
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from megatron_minitron import parallel
+from megatron_minitron.config import ModelConfig
+from megatron_minitron.errors import UsageError
+from megatron_minitron.importance.aggregation import Aggregation
+from megatron_minitron.importance.collect import ScoreCollector
+from megatron_minitron.importance.depth import block_importance, layer_perplexity, skip_layer
+from megatron_minitron.model.forward import pipeline_forward
+
+SCORE_KEYS = ("head", "query_group", "neuron", "channel", "layer_ppl", "layer_bi", "block_bi")
+
+
+@dataclass
+class ImportanceConfig:
+    """What to measure and how to aggregate it."""
+
+    aggregation: str = "l2,mean"
+    """BATCH,SEQ reductions, each of mean, l2, var (paper default: l2 over batch of seq mean)."""
+    neuron_source: str = "fc2_input"
+    """Per-neuron activation: fc2_input (default), fc1 (gate half for gated MLPs) or up."""
+    depth: bool = True
+    """Also compute layer_ppl (one pass per layer) and block_bi."""
+    depth_samples: Optional[int] = None
+    """Samples used by the depth metrics (default: all calibration samples)."""
+
+    def __post_init__(self):
+        self.agg = Aggregation.parse(self.aggregation)
+
+
+def _progress(total: int, desc: str):
+    return tqdm(total=total, desc=desc, disable=not parallel.is_rank0(), dynamic_ncols=True,
+                leave=False)
+
+
+def estimate_importance(model, cfg: ModelConfig, micro_batches: List[Dict[str, torch.Tensor]],
+                        icfg: Optional[ImportanceConfig] = None,
+                        meta: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Scores ``model`` on this DP rank's calibration ``micro_batches`` (collective).
+
+    Each micro-batch holds ``tokens`` and ``labels`` [b, s]. Every rank returns the full scores.
+    """
+    icfg = icfg or ImportanceConfig()
+    collector = ScoreCollector(model, cfg, icfg.agg, icfg.neuron_source)
+    bar = _progress(len(micro_batches), "importance")
+    with collector:
+        for batch in micro_batches:  # one at a time so the bar moves; hooks keep no activations
+            pipeline_forward(model, [batch], lambda out, b: {})
+            bar.update()
+    bar.close()
+    scores = collector.results()
+    if icfg.depth:
+        depth_batches = micro_batches
+        if icfg.depth_samples is not None:
+            per_batch = micro_batches[0]["tokens"].shape[0]
+            depth_batches = micro_batches[: max(1, icfg.depth_samples // max(per_batch, 1))]
+        bar = _progress(cfg.num_layers + len(depth_batches), "depth")
+        scores["layer_ppl"] = layer_perplexity(model, cfg.num_layers, depth_batches, bar.update)
+        scores["block_bi"] = block_importance(model, cfg.num_layers, depth_batches, bar.update)
+        bar.close()
+    tokens = sum(int(b["tokens"].numel()) for b in micro_batches)
+    total_tokens = parallel_sum(tokens)
+    scores["meta"] = dict(meta or {}, model=cfg.to_dict(), aggregation=str(icfg.agg),
+                          neuron_source=icfg.neuron_source, num_samples=scores.pop("samples"),
+                          num_tokens=total_tokens)
+    return scores
+
+
+def parallel_sum(value: int) -> int:
+    """Sum of an integer over data parallel ranks."""
+    import torch.distributed as dist
+
+    from megatron_minitron import adapter
+
+    if not dist.is_initialized():
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(total, group=adapter.get_dp_group())
+    return int(total.item())
+
+
+def importance_with_forward_loop(model, cfg: ModelConfig,
+                                 forward_loop: Callable[[Any], Optional[float]],
+                                 icfg: Optional[ImportanceConfig] = None) -> Dict[str, Any]:
+    """The same scores on an in-memory model driven by the user's own forward loop.
+
+    ``forward_loop(model)`` runs forward passes over the calibration data (any way it likes)
+    and may return its mean LM loss; when it does, ``layer_ppl`` is computed too (the loop runs
+    once more per layer with that layer skipped). ``block_bi`` needs the micro-batch API.
+    """
+    icfg = icfg or ImportanceConfig()
+    collector = ScoreCollector(model, cfg, icfg.agg, icfg.neuron_source)
+    model.eval()
+    with torch.no_grad(), collector:
+        base_loss = forward_loop(model)
+    scores = collector.results()
+    if icfg.depth and base_loss is not None:
+        ppl = torch.zeros(cfg.num_layers, dtype=torch.float64)
+        for index in range(cfg.num_layers):
+            with torch.no_grad(), skip_layer(model, index):
+                ppl[index] = float(torch.tensor(forward_loop(model)).exp())
+        scores["layer_ppl"] = ppl
+    scores["meta"] = dict(model=cfg.to_dict(), aggregation=str(icfg.agg),
+                          neuron_source=icfg.neuron_source, num_samples=scores.pop("samples"))
+    return scores
+
+
+def save_scores(scores: Dict[str, Any], path: str) -> None:
+    """Writes SCORES atomically (rank 0 only)."""
+    if not parallel.is_rank0():
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(scores, tmp)
+    os.replace(tmp, path)
+
+
+def load_scores(path: str, cfg: Optional[ModelConfig] = None) -> Dict[str, Any]:
+    """Reads SCORES; with ``cfg``, refuses scores computed on a different architecture."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--scores {path} does not exist; run `minitron importance` first")
+    try:
+        scores = torch.load(path, weights_only=False)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UsageError(f"--scores {path} is not a readable scores file ({err})") from err
+    if not isinstance(scores, dict) or "meta" not in scores or "head" not in scores:
+        raise UsageError(f"--scores {path} is not a megatron_minitron scores file")
+    if cfg is not None:
+        source = ModelConfig.from_dict(scores["meta"]["model"])
+        fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                  "num_query_groups", "kv_channels", "vocab_size")
+        diff = [f"{f}={getattr(source, f)} vs {getattr(cfg, f)}" for f in fields
+                if getattr(source, f) != getattr(cfg, f)]
+        if diff:
+            raise UsageError(f"--scores {path} were computed on a different model "
+                             f"({', '.join(diff)}); recompute them on this checkpoint")
+    return scores
