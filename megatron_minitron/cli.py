@@ -21,6 +21,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "export-hf": ("megatron_minitron.commands.hf", "export a checkpoint to Hugging Face format"),
     "preprocess-data": ("megatron_minitron.commands.data",
                         "tokenize text/JSONL into a Megatron indexed dataset"),
+    "importance": ("megatron_minitron.commands.importance",
+                   "activation importance of heads, groups, neurons, channels and layers"),
     "eval": ("megatron_minitron.commands.eval", "LM loss and perplexity of a checkpoint"),
 }
 

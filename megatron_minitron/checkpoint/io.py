@@ -97,6 +97,28 @@ def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def finalize_checkpoint_dir(tmp: str, path: str, cfg: ModelConfig, meta: Optional[Dict[str, Any]],
+                            tokenizer_from: Optional[str], saved_layout: Dict[str, Any]) -> None:
+    """Adds config and tokenizer to the fully written ``tmp`` and renames it to ``path``.
+
+    An existing checkpoint at ``path`` is replaced only after ``tmp`` is complete.
+    """
+    source = tokenizer_dir(tokenizer_from) if tokenizer_from else None
+    if source:
+        shutil.copytree(source, os.path.join(tmp, TOKENIZER_DIR))
+    info = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(),
+            "meta": dict(meta or {}, saved_layout=saved_layout)}
+    _write_json_atomic(os.path.join(tmp, CONFIG_FILE), info)
+    old = f"{path}.old"
+    if os.path.exists(path):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
 def save_checkpoint(model, cfg: ModelConfig, path: str,
                     meta: Optional[Dict[str, Any]] = None,
                     extra_state: Optional[Dict[str, Any]] = None,
@@ -120,23 +142,11 @@ def save_checkpoint(model, cfg: ModelConfig, path: str,
     dist_checkpointing.save(adapter.sharded_state_dict(model), tmp)
     parallel.barrier()
     if parallel.is_rank0():
-        source = tokenizer_dir(tokenizer_from) if tokenizer_from else None
-        if source:
-            shutil.copytree(source, os.path.join(tmp, TOKENIZER_DIR))
         if extra_state is not None:
             torch.save(extra_state, os.path.join(tmp, "extra_state.pt"))
         layout = parallel.current_layout()
-        info = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(),
-                "meta": dict(meta or {}, saved_layout={"tp": layout.tp, "pp": layout.pp})}
-        _write_json_atomic(os.path.join(tmp, CONFIG_FILE), info)
-        old = f"{path}.old"
-        if os.path.exists(path):
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if os.path.exists(old):
-            shutil.rmtree(old)
+        finalize_checkpoint_dir(tmp, path, cfg, meta, tokenizer_from,
+                                saved_layout={"tp": layout.tp, "pp": layout.pp})
     parallel.barrier()
 
 

@@ -1,0 +1,218 @@
+"""Tensor-by-tensor access to our checkpoints without building (or holding) a model.
+
+mcore's ``torch_dist`` checkpoints store every parameter as one global tensor; layer parameters are
+stacked along a leading layer axis under ``decoder.layers.<name>`` ([L, ...]). The format is
+therefore independent of the TP/PP layout it was saved at, and a checkpoint written here loads at
+any layout.
+
+* :class:`CheckpointReader` reads one layer's slice of a stacked tensor, or one global tensor, at a
+  time (PyTorch Distributed Checkpoint with a planner that reads only that region).
+* :func:`write_streaming_checkpoint` writes a checkpoint whose tensors are produced on demand,
+  one layer slice at a time, through PyTorch Distributed Checkpoint with a planner that resolves
+  each write item lazily — peak memory is one slice, never the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+
+from megatron_minitron.checkpoint import io
+
+LAYER_PREFIX = "decoder.layers."
+# mcore's own marker files of a torch_dist checkpoint
+MCORE_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                  "common_backend": "torch", "common_backend_version": 1}
+
+
+class CheckpointReader:
+    """Reads tensors of a checkpoint by key, one layer slice at a time."""
+
+    def __init__(self, path: str):
+        self.path = path
+        metadata = FileSystemReader(path).read_metadata()
+        self.shapes: Dict[str, torch.Size] = {}
+        self.dtypes: Dict[str, torch.dtype] = {}
+        for key, meta in metadata.state_dict_metadata.items():
+            if hasattr(meta, "size"):
+                self.shapes[key] = meta.size
+                self.dtypes[key] = meta.properties.dtype
+
+    def layer_keys(self) -> List[str]:
+        """Stacked per-layer keys (``decoder.layers.<name>``)."""
+        return sorted(k for k in self.shapes if k.startswith(LAYER_PREFIX))
+
+    def global_keys(self) -> List[str]:
+        return sorted(k for k in self.shapes if not k.startswith(LAYER_PREFIX))
+
+    def read(self, keys: Sequence[str], layer: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Reads ``keys`` (whole tensors, or the slice of source ``layer`` of stacked ones)."""
+        import torch.distributed.checkpoint as dcp
+
+        out, regions = {}, []
+        for key in keys:
+            shape = tuple(self.shapes[key])
+            if layer is None:
+                offsets, sizes = (0,) * len(shape), shape
+                out[key] = torch.empty(shape, dtype=self.dtypes[key])
+                view = out[key]
+            else:
+                offsets, sizes = (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:]
+                out[key] = torch.empty(shape[1:], dtype=self.dtypes[key])
+                view = out[key].unsqueeze(0)
+            regions.append((key, offsets, sizes, view))
+        with _single_process():
+            dcp.load({}, storage_reader=FileSystemReader(self.path),
+                     planner=_RegionLoadPlanner(regions), no_dist=True)
+        return out
+
+
+class _RegionLoadPlanner(LoadPlanner):
+    """Reads given regions (key, offsets, sizes, destination) of global tensors."""
+
+    def __init__(self, regions):
+        self.regions = {key: (offsets, view) for key, offsets, _, view in regions}
+        self.chunks = {key: ChunkStorageMetadata(offsets=torch.Size(offsets),
+                                                 sizes=torch.Size(sizes))
+                       for key, offsets, sizes, _ in regions}
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, chunk in self.chunks.items():
+            items += create_read_items_for_chunk_list(
+                key, self.metadata.state_dict_metadata[key], [chunk])
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan):
+        return global_plan
+
+    def finish_plan(self, central_plan):
+        return central_plan
+
+    def load_bytes(self, read_item, value):
+        raise ValueError(f"unexpected non-tensor item {read_item.dest_index.fqn}")
+
+    def resolve_tensor(self, read_item):
+        _, view = self.regions[read_item.dest_index.fqn]
+        return narrow_to(view, read_item.dest_offsets, read_item.lengths)
+
+    def commit_tensor(self, read_item, tensor):
+        pass
+
+
+@contextlib.contextmanager
+def _single_process():
+    """DCP warns that it runs without a process group; here that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
+def narrow_to(tensor: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    for dim, (start, length) in enumerate(zip(offsets, lengths)):
+        tensor = tensor.narrow(dim, start, length)
+    return tensor
+
+
+@dataclasses.dataclass
+class TensorSpec:
+    """One output tensor: its global shape, and how to produce each chunk."""
+
+    key: str
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    chunks: List[Tuple[Tuple[int, ...], Tuple[int, ...], Callable[[], torch.Tensor]]]
+    """(offsets, sizes, producer) — producer() returns the chunk tensor when it is written."""
+
+
+class _LazySavePlanner(SavePlanner):
+    """A SavePlanner whose write items are produced on demand (see module docstring)."""
+
+    def __init__(self, specs: Sequence[TensorSpec]):
+        self.specs = specs
+        self.producers = {}
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=True):
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        items = []
+        for spec in self.specs:
+            properties = TensorProperties(dtype=spec.dtype)
+            for offsets, sizes, producer in spec.chunks:
+                index = MetadataIndex(spec.key, torch.Size(offsets))
+                self.producers[(spec.key, tuple(offsets))] = producer
+                items.append(WriteItem(
+                    index=index, type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(
+                        chunk=ChunkStorageMetadata(offsets=torch.Size(offsets),
+                                                   sizes=torch.Size(sizes)),
+                        properties=properties, size=torch.Size(spec.shape))))
+        self.plan = SavePlan(items)
+        return self.plan
+
+    def create_global_plan(self, all_plans):
+        plans, self.metadata = create_default_global_save_plan(all_plans)
+        return plans, self.metadata
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        self.plan = new_plan
+        return new_plan
+
+    def resolve_data(self, write_item: WriteItem):
+        producer = self.producers[(write_item.index.fqn, tuple(write_item.index.offset))]
+        return producer().contiguous()
+
+
+def write_streaming_checkpoint(specs: Sequence[TensorSpec], cfg, path: str,
+                               meta: Optional[Dict] = None,
+                               tokenizer_from: Optional[str] = None) -> None:
+    """Writes a complete checkpoint of ours at ``path`` atomically (single process)."""
+    import torch.distributed.checkpoint as dcp
+
+    path = os.path.abspath(path)
+    io.check_output_path(path)
+    tmp = f"{path}.tmp"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        writer = FileSystemWriter(tmp, single_file_per_rank=False, thread_count=1,
+                                  sync_files=True)
+        with _single_process():
+            dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(specs), no_dist=True)
+        torch.save({}, os.path.join(tmp, "common.pt"))
+        with open(os.path.join(tmp, "metadata.json"), "w") as handle:
+            json.dump(MCORE_METADATA, handle)
+        io.finalize_checkpoint_dir(tmp, path, cfg, meta, tokenizer_from,
+                                   saved_layout={"tp": 1, "pp": 1, "streamed": True})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,78 @@
+"""Argument groups and checks shared by the commands that read a checkpoint and a text source."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+
+import torch
+
+from megatron_minitron import parallel
+from megatron_minitron.checkpoint.io import load_config, read_checkpoint_info
+from megatron_minitron.config import ModelConfig
+from megatron_minitron.errors import UsageError
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, num_samples: int | None) -> None:
+    group = parser.add_argument_group("data")
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text-file", nargs="+", help="text/JSONL file(s) or folder(s)")
+    source.add_argument("--data-prefix", help="Megatron indexed dataset prefix (.bin/.idx)")
+    group.add_argument("--json-key", default="text", help="JSONL field holding the text")
+    group.add_argument("--seq-length", type=int, required=True, help="tokens per sample")
+    group.add_argument("--num-samples", type=int, default=num_samples,
+                       help=f"samples to draw (default {num_samples or 'every window of the data'})")
+    group.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward")
+
+
+def check_data_arguments(args, cfg: ModelConfig) -> None:
+    """Cheap checks before any model is built."""
+    for path in args.text_file or []:
+        if not os.path.exists(path):
+            raise UsageError(f"--text-file {path} does not exist; pass a text/JSONL file or folder")
+        if os.path.isfile(path) and not os.access(path, os.R_OK):
+            raise UsageError(f"--text-file {path} is not readable")
+    if args.data_prefix and not os.path.isfile(args.data_prefix + ".idx"):
+        raise UsageError(f"--data-prefix {args.data_prefix} has no .idx/.bin files; build them "
+                         "with `minitron preprocess-data`")
+    if args.seq_length < 1 or args.seq_length > cfg.max_position_embeddings:
+        raise UsageError(f"--seq-length {args.seq_length} is outside 1..{cfg.max_position_embeddings}"
+                         " (the model's max_position_embeddings); use a shorter sequence")
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UsageError(f"--num-samples {args.num_samples} must be >= 1")
+    if args.micro_batch_size < 1:
+        raise UsageError(f"--micro-batch-size {args.micro_batch_size} must be >= 1")
+
+
+def checkpoint_config(path: str) -> ModelConfig:
+    read_checkpoint_info(path)
+    return load_config(path)
+
+
+def load_samples(args, checkpoint: str, cfg: ModelConfig) -> torch.Tensor:
+    """Rank 0 tokenizes and draws the samples [N, L+1]; every rank receives the same tensor."""
+    from megatron_minitron.data import calibration_samples, check_tokenizer_fits, load_tokenizer
+
+    samples, error = None, None
+    if parallel.is_rank0():
+        try:
+            tokenizer = None
+            if args.text_file:
+                tokenizer = load_tokenizer(checkpoint)
+                check_tokenizer_fits(tokenizer, cfg.vocab_size)
+            samples = calibration_samples(
+                text_file=args.text_file, data_prefix=args.data_prefix, tokenizer=tokenizer,
+                num_samples=args.num_samples, seq_length=args.seq_length, seed=args.seed,
+            )
+        except UsageError as err:
+            error = str(err)
+    samples, error = parallel.broadcast_object((samples, error))
+    if error:
+        raise UsageError(error)
+    return samples
+
+
+def fingerprint(samples: torch.Tensor) -> str:
+    """sha256 of the exact token ids used."""
+    return hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16]

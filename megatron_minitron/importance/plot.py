@@ -1,0 +1,48 @@
+"""PNG summary of a SCORES dict: head heatmap, neuron and channel profiles, layer scores."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+
+def plot_scores(scores: Dict[str, Any], path: str) -> None:
+    """Writes a 2×2 figure to ``path`` (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = scores.get("meta", {})
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    heat = axes[0, 0].imshow(scores["head"].float().numpy(), aspect="auto", cmap="viridis")
+    axes[0, 0].set(title="attention head importance", xlabel="head", ylabel="layer")
+    fig.colorbar(heat, ax=axes[0, 0])
+
+    neuron = scores["neuron"].float()
+    for layer in range(neuron.shape[0]):
+        axes[0, 1].plot(neuron[layer].sort(descending=True).values.numpy(), lw=0.8,
+                        color=plt.cm.plasma(layer / max(1, neuron.shape[0] - 1)))
+    axes[0, 1].set(title="MLP neuron importance, sorted (colour = layer)", xlabel="rank",
+                   ylabel="score", yscale="log")
+
+    channel = scores["channel"].float().sort(descending=True).values.numpy()
+    axes[1, 0].plot(channel)
+    axes[1, 0].set(title="embedding channel importance, sorted", xlabel="rank", ylabel="score",
+                   yscale="log")
+
+    ax = axes[1, 1]
+    layers = range(len(scores["layer_bi"]))
+    ax.bar(layers, scores["layer_bi"].float().numpy(), color="tab:blue", label="BI (1 − cos)")
+    ax.set(title="layer importance", xlabel="layer", ylabel="Block Importance")
+    if "layer_ppl" in scores:
+        twin = ax.twinx()
+        twin.plot(layers, scores["layer_ppl"].float().numpy(), color="tab:red", marker="o",
+                  label="PPL with layer removed")
+        twin.set_ylabel("perplexity without the layer", color="tab:red")
+        twin.set_yscale("log")
+    ax.legend(loc="upper left")
+    fig.suptitle(f"importance ({meta.get('aggregation', '?')} aggregation, "
+                 f"{meta.get('num_samples', '?')} samples, {meta.get('num_tokens', '?')} tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,183 @@
+"""What to keep: the target architecture and the per-layer indices chosen from importance scores.
+
+Kept indices are always sorted in their original order, so a pruned model is exactly a
+sub-network of its source (apart from hidden-size pruning, which changes what a norm averages).
+
+GQA-aware head pruning: the ``num_query_groups`` groups with the highest ``query_group`` score are
+kept; inside each kept group the ``num_attention_heads / num_query_groups`` heads with the highest
+``head`` score are kept, so every group keeps the same number of query heads and its own K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_minitron.config import ModelConfig
+from megatron_minitron.errors import UsageError
+
+TARGET_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+               "num_query_groups")
+DEPTH_METRICS = ("ppl", "bi", "block_bi")
+
+
+def parse_target(text: str) -> Dict[str, int]:
+    """``"num_layers=16,hidden_size=384"`` → dict; unknown keys and bad values are errors."""
+    target: Dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UsageError(f"--target item {item!r} is not KEY=VALUE (e.g. num_layers=16)")
+        if key not in TARGET_KEYS:
+            raise UsageError(f"--target key {key!r} is unknown; use {', '.join(TARGET_KEYS)}")
+        try:
+            target[key] = int(value)
+        except ValueError:
+            raise UsageError(f"--target {key}={value!r} is not an integer") from None
+    return target
+
+
+def target_config(source: ModelConfig, target: Dict[str, int], tp: int = 1,
+                  pp: int = 1) -> ModelConfig:
+    """The pruned ModelConfig; raises UsageError when the target cannot be built from source."""
+    for key, value in target.items():
+        if key not in TARGET_KEYS:
+            raise UsageError(f"--target key {key!r} is unknown; use {', '.join(TARGET_KEYS)}")
+        if value < 1:
+            raise UsageError(f"--target {key}={value} must be >= 1")
+        if value > getattr(source, key):
+            raise UsageError(f"--target {key}={value} is larger than the source's "
+                             f"{getattr(source, key)}; pruning only shrinks")
+    heads = target.get("num_attention_heads", source.num_attention_heads)
+    groups = target.get("num_query_groups", min(source.num_query_groups, heads))
+    if heads % groups:
+        raise UsageError(f"--target num_attention_heads={heads} is not divisible by "
+                         f"num_query_groups={groups}; choose heads as a multiple of groups")
+    if heads // groups > source.heads_per_group:
+        raise UsageError(f"--target keeps {heads // groups} heads per query group but the source "
+                         f"groups hold {source.heads_per_group}; keep more query groups")
+    merged = {key: target.get(key, getattr(source, key)) for key in TARGET_KEYS}
+    merged["num_query_groups"] = groups
+    extra = dict(source.extra, pruned_from={k: getattr(source, k) for k in TARGET_KEYS})
+    cfg = source.replace(kv_channels=source.kv_channels, extra=extra, **merged)
+    try:
+        cfg.check_layout(tp, pp)
+    except ValueError as err:
+        raise UsageError(f"target architecture at the output layout: {err}") from None
+    return cfg
+
+
+@dataclass
+class LayerPlan:
+    """Indices kept in one (source) layer."""
+
+    source_layer: int
+    groups: List[int]
+    """Kept query groups (source indices)."""
+    heads: List[int]
+    """Kept query heads (source global head indices), group by group in original order."""
+    neurons: List[int]
+    """Kept MLP neurons."""
+    add_back: List[Tuple[int, int]] = field(default_factory=list)
+    """(kept head, pruned head) pairs for the residual add-back."""
+
+
+@dataclass
+class PrunePlan:
+    source: ModelConfig
+    target: ModelConfig
+    layers: List[LayerPlan]
+    channels: List[int]
+    head_add_back: bool
+
+    @property
+    def kept_layers(self) -> List[int]:
+        return [layer.source_layer for layer in self.layers]
+
+
+def _top(scores: torch.Tensor, k: int) -> List[int]:
+    """Indices of the k largest scores, in ascending index order (stable on ties)."""
+    order = torch.argsort(scores.double(), descending=True, stable=True)[:k]
+    return sorted(order.tolist())
+
+
+def choose_layers(scores: Dict, source: ModelConfig, num_layers: int, metric: Optional[str],
+                  drop: Optional[Sequence[int]]) -> List[int]:
+    """Source layers to keep, in order."""
+    total = source.num_layers
+    if drop is not None:
+        bad = [i for i in drop if not 0 <= i < total]
+        if bad:
+            raise UsageError(f"--drop-layers {bad} out of range 0..{total - 1}")
+        if len(set(drop)) != len(drop):
+            raise UsageError(f"--drop-layers {list(drop)} has repeats; list each layer once")
+        if len(drop) >= total:
+            raise UsageError(f"--drop-layers would remove all {total} layers")
+        return [i for i in range(total) if i not in set(drop)]
+    remove = total - num_layers
+    if remove == 0:
+        return list(range(total))
+    if metric not in DEPTH_METRICS:
+        raise UsageError(f"--depth-metric {metric!r} is unknown; use {', '.join(DEPTH_METRICS)}")
+    if metric == "ppl":
+        # a layer whose removal hurts perplexity least is least important
+        return _top(scores["layer_ppl"], num_layers)
+    if metric == "bi":
+        return _top(scores["layer_bi"], num_layers)
+    windows = scores["block_bi"][remove]  # [L − remove + 1]: remove the least important block
+    start = int(torch.argmin(windows.double()))
+    return [i for i in range(total) if not start <= i < start + remove]
+
+
+def build_plan(scores: Dict, source: ModelConfig, target: ModelConfig,
+               depth_metric: Optional[str] = "ppl", drop_layers: Optional[Sequence[int]] = None,
+               head_add_back: bool = True) -> PrunePlan:
+    """Chooses every kept index from ``scores`` (see ``importance``)."""
+    for key in ("layer_ppl", "layer_bi", "block_bi"):
+        needed = (drop_layers is None and target.num_layers < source.num_layers
+                  and key == {"ppl": "layer_ppl", "bi": "layer_bi",
+                              "block_bi": "block_bi"}.get(depth_metric))
+        if needed and key not in scores:
+            raise UsageError(f"scores lack {key} (computed with --no-depth?); recompute them or "
+                             "pass --drop-layers")
+    kept_layers = choose_layers(scores, source, target.num_layers, depth_metric, drop_layers)
+    if len(kept_layers) != target.num_layers:
+        raise UsageError(f"--drop-layers leaves {len(kept_layers)} layers but the target has "
+                         f"num_layers={target.num_layers}; make them agree")
+    per_group_src, per_group = source.heads_per_group, target.heads_per_group
+    layers = []
+    for layer in kept_layers:
+        groups = _top(scores["query_group"][layer], target.num_query_groups)
+        heads, add_back = [], []
+        for group in groups:
+            members = list(range(group * per_group_src, (group + 1) * per_group_src))
+            member_scores = scores["head"][layer][members]
+            kept = [members[i] for i in _top(member_scores, per_group)]
+            heads.extend(kept)
+            if head_add_back and per_group < per_group_src:
+                add_back.extend(_add_back_pairs(members, member_scores, per_group))
+        neurons = _top(scores["neuron"][layer], target.ffn_hidden_size)
+        layers.append(LayerPlan(layer, groups, heads, neurons, add_back))
+    channels = _top(scores["channel"], target.hidden_size)
+    return PrunePlan(source, target, layers, channels, head_add_back)
+
+
+def _add_back_pairs(members: List[int], member_scores: torch.Tensor,
+                    keep: int) -> List[Tuple[int, int]]:
+    """Pairs (kept head i, pruned head 2K−i+1) by importance rank inside one query group.
+
+    With the group's heads ranked 1..n by score and the top K kept, kept head of rank i receives
+    the pruned head of rank 2K − i + 1 (the least important kept head meets the most important
+    pruned one), for every i where that rank exists.
+    """
+    ranked = [members[i] for i in torch.argsort(member_scores.double(), descending=True,
+                                                stable=True).tolist()]
+    pairs = []
+    for rank in range(1, keep + 1):
+        partner = 2 * keep - rank + 1
+        if partner <= len(ranked):
+            pairs.append((ranked[rank - 1], ranked[partner - 1]))
+    return pairs
