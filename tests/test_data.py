@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import tiny_text
-from megatron_minitron import cli
+from megatron_minitron import cli, parallel
 from megatron_minitron.data import (
+    MegatronTokenizer,
     MicroBatchSampler,
     build_gpt_datasets,
     build_indexed_dataset,
@@ -24,6 +25,7 @@ from megatron_minitron.data import (
     tokenize_documents,
 )
 from megatron_minitron.errors import UsageError
+from megatron_minitron.testing import spawn
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +225,29 @@ def test_gpt_dataset_loader_shifts_labels_and_resumes(prefix, tokenizer, tmp_pat
                                split="90,10,0", seed=3, cache_dir=str(tmp_path / "cache"))
     assert torch.equal(list(MicroBatchSampler(again.train, 2, 1, 2))[5]["labels"],
                        full[1][5]["labels"])
+
+
+def _rank_batches(prefix, megatron_tokenizer, cache, out):
+    from megatron_minitron import adapter
+
+    layout = parallel.initialize(1, 1)
+    datasets = build_gpt_datasets([prefix], megatron_tokenizer, seq_length=16,
+                                  train_samples=48, split="90,10,0", seed=3, cache_dir=cache)
+    sampler = MicroBatchSampler(datasets.train, 2, adapter.parallel_state
+                                .get_data_parallel_rank(), layout.dp, consumed_samples=8)
+    torch.save([batch["tokens"] for batch in sampler], f"{out}.{parallel.rank()}")
+
+
+def test_gpt_datasets_on_two_ranks_split_the_global_order(prefix, tokenizer, tmp_path):
+    cache, out = str(tmp_path / "cache"), str(tmp_path / "tokens")
+    spawn(_rank_batches, 2, prefix, MegatronTokenizer(tokenizer), cache, out)  # rank 0 builds
+    single = build_gpt_datasets([prefix], tokenizer, seq_length=16, train_samples=48,
+                                split="90,10,0", seed=3, cache_dir=cache)
+    reference = list(MicroBatchSampler(single.train, 4, consumed_samples=8))
+    ranks = [torch.load(f"{out}.{rank}") for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(reference) > 0
+    for step, batch in enumerate(reference):
+        assert torch.equal(batch["tokens"], torch.cat([ranks[0][step], ranks[1][step]]))
 
 
 def test_blended_gpt_datasets(prefix, tokenizer, tmp_path):

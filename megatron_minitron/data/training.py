@@ -168,7 +168,8 @@ def build_gpt_datasets(blend: Sequence[str] | str, tokenizer, seq_length: int,
     Args:
         blend: ``["PREFIX"]``, ``["W1", "PREFIX1", "W2", "PREFIX2", ...]`` or the same as one
             space-separated string.
-        tokenizer: the Hugging Face tokenizer the data was built with.
+        tokenizer: the Hugging Face tokenizer the data was built with (or its
+            :class:`MegatronTokenizer`, which pickles without ``transformers``).
         seq_length: tokens per sample (each sample draws ``seq_length + 1``).
         train_samples: samples of the training split (epochs repeat as needed).
         valid_samples, test_samples: samples of those splits; None means one pass over a
@@ -191,7 +192,8 @@ def build_gpt_datasets(blend: Sequence[str] | str, tokenizer, seq_length: int,
         blend=(prefixes, weights),
         split=split,
         path_to_cache=cache_dir,
-        tokenizer=MegatronTokenizer(tokenizer),
+        tokenizer=(tokenizer if isinstance(tokenizer, MegatronTokenizer)
+                   else MegatronTokenizer(tokenizer)),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
