@@ -27,7 +27,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "hf": ["transformers>=4.45", "safetensors", "gguf", "tokenizers", "sentencepiece"],
+        "hf": ["transformers>=4.45", "safetensors", "gguf", "accelerate", "tokenizers", "sentencepiece",
+               "datasets"],
         "test": ["pytest", "pytest-timeout"],
     },
     entry_points={"console_scripts": ["minitron=megatron_minitron.cli:main"]},

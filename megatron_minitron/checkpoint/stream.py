@@ -54,7 +54,8 @@ class CheckpointReader:
 
     def __init__(self, path: str):
         self.path = path
-        metadata = FileSystemReader(path).read_metadata()
+        self._storage = _CachedMetadataReader(path)
+        metadata = self._storage.read_metadata()
         self.shapes: Dict[str, torch.Size] = {}
         self.dtypes: Dict[str, torch.dtype] = {}
         for key, meta in metadata.state_dict_metadata.items():
@@ -86,9 +87,18 @@ class CheckpointReader:
                 view = out[key].unsqueeze(0)
             regions.append((key, offsets, sizes, view))
         with _single_process():
-            dcp.load({}, storage_reader=FileSystemReader(self.path),
+            dcp.load({}, storage_reader=self._storage,
                      planner=_RegionLoadPlanner(regions), no_dist=True)
         return out
+
+
+class _CachedMetadataReader(FileSystemReader):
+    """Reads the checkpoint's ``.metadata`` once, however many regions are loaded."""
+
+    def read_metadata(self, *args, **kwargs):
+        if not hasattr(self, "_metadata_cache"):
+            self._metadata_cache = super().read_metadata(*args, **kwargs)
+        return self._metadata_cache
 
 
 class _RegionLoadPlanner(LoadPlanner):

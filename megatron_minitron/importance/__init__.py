@@ -6,6 +6,7 @@ from megatron_minitron.importance.estimate import (  # noqa: F401
     ImportanceConfig,
     estimate_importance,
     importance_with_forward_loop,
+    random_scores,
     load_scores,
     save_scores,
 )

@@ -151,3 +151,20 @@ def load_scores(path: str, cfg: Optional[ModelConfig] = None) -> Dict[str, Any]:
             raise UsageError(f"--scores {path} were computed on a different model "
                              f"({', '.join(diff)}); recompute them on this checkpoint")
     return scores
+
+
+def random_scores(cfg: ModelConfig, seed: int = 0) -> Dict[str, Any]:
+    """Scores drawn at random (a baseline: pruning by them picks random components)."""
+    generator = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    layers = cfg.num_layers
+    return {
+        "head": rand(layers, cfg.num_attention_heads),
+        "query_group": rand(layers, cfg.num_query_groups),
+        "neuron": rand(layers, cfg.ffn_hidden_size),
+        "channel": rand(cfg.hidden_size),
+        "layer_ppl": rand(layers),
+        "layer_bi": rand(layers),
+        "block_bi": {n: rand(layers - n + 1) for n in range(1, layers + 1)},
+        "meta": {"model": cfg.to_dict(), "aggregation": "random", "seed": seed},
+    }

@@ -1,0 +1,13 @@
+"""Pruning to a target architecture: heads (GQA-aware), query groups, MLP width, hidden size and
+layers, streamed over checkpoints saved at any layout."""
+
+from megatron_minitron.prune.api import describe_counts, plan_pruning, prune_checkpoint  # noqa: F401
+from megatron_minitron.prune.apply import prune_state_dict  # noqa: F401
+from megatron_minitron.prune.plan import (  # noqa: F401
+    DEPTH_METRICS,
+    TARGET_KEYS,
+    PrunePlan,
+    build_plan,
+    parse_target,
+    target_config,
+)

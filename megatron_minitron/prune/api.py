@@ -1,0 +1,123 @@
+"""``prune_checkpoint``: a checkpoint of ours → a pruned checkpoint of ours, streamed.
+
+The source is read one layer slice at a time and the output written one slice at a time, so
+memory stays at about two layers plus the scores whatever the model size; the output is a normal
+checkpoint that loads at any TP/PP and exports to Hugging Face.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+
+from megatron_minitron.checkpoint import io
+from megatron_minitron.checkpoint.stream import (
+    LAYER_PREFIX,
+    CheckpointReader,
+    TensorSpec,
+    write_streaming_checkpoint,
+)
+from megatron_minitron.config import ModelConfig, count_parameters
+from megatron_minitron.errors import UsageError
+from megatron_minitron.prune.apply import prune_global_tensor, prune_layer_tensor
+from megatron_minitron.prune.plan import PrunePlan, build_plan, target_config
+
+logger = logging.getLogger("megatron_minitron")
+
+
+def describe_counts(cfg: ModelConfig) -> str:
+    counts = count_parameters(cfg)
+    return (f"{counts['total'] / 1e6:.3f}M parameters ({counts['non_embedding'] / 1e6:.3f}M "
+            f"non-embedding): layers={cfg.num_layers} hidden={cfg.hidden_size} "
+            f"ffn={cfg.ffn_hidden_size} heads={cfg.num_attention_heads} "
+            f"groups={cfg.num_query_groups} head_dim={cfg.kv_channels}")
+
+
+def plan_pruning(source: ModelConfig, scores: Dict[str, Any], target: Dict[str, int],
+                 depth_metric: Optional[str] = "ppl", drop_layers: Optional[Sequence[int]] = None,
+                 head_add_back: bool = True, target_tp: int = 1, target_pp: int = 1) -> PrunePlan:
+    """Checks the request and chooses what to keep (no weights touched)."""
+    if drop_layers is not None:
+        target = dict(target)
+        expected = source.num_layers - len(drop_layers)
+        if target.setdefault("num_layers", expected) != expected:
+            raise UsageError(f"--drop-layers removes {len(drop_layers)} of {source.num_layers} "
+                             f"layers but --target num_layers={target['num_layers']}; make them agree")
+    pruned = target_config(source, target, target_tp, target_pp)
+    return build_plan(scores, source, pruned, depth_metric, drop_layers, head_add_back)
+
+
+def _layer_specs(reader: CheckpointReader, plan: PrunePlan):
+    """One TensorSpec per stacked key; each chunk is one kept layer, read and pruned on demand."""
+    specs = []
+    for key in reader.layer_keys():
+        suffix = key[len(LAYER_PREFIX):]
+        shape = _pruned_shape(reader, key, suffix, plan)
+        chunks = []
+        for new_index, layer in enumerate(plan.layers):
+            def produce(layer=layer, key=key, suffix=suffix):
+                tensor = reader.read([key], layer=layer.source_layer)[key]
+                return prune_layer_tensor(suffix, tensor, plan, layer).unsqueeze(0)
+
+            chunks.append(((new_index,) + (0,) * len(shape), (1,) + shape, produce))
+        specs.append(TensorSpec(key, (len(plan.layers),) + shape, reader.dtypes[key], chunks))
+    return specs
+
+
+def _pruned_shape(reader, key, suffix, plan):
+    probe = torch.empty(tuple(reader.shapes[key][1:]), device="meta")
+    return tuple(prune_layer_tensor(suffix, probe, plan, plan.layers[0]).shape)
+
+
+def _global_specs(reader: CheckpointReader, plan: PrunePlan):
+    specs = []
+    for key in reader.global_keys():
+        probe = torch.empty(tuple(reader.shapes[key]), device="meta")
+        shape = tuple(prune_global_tensor(key, probe, plan).shape)
+        produce = (lambda key=key: prune_global_tensor(key, reader.read([key])[key], plan))
+        specs.append(TensorSpec(key, shape, reader.dtypes[key], [((0,) * len(shape), shape,
+                                                                  produce)]))
+    return specs
+
+
+def prune_checkpoint(load: str, scores: Union[str, Dict[str, Any]], target: Dict[str, int],
+                     output: str, depth_metric: Optional[str] = "ppl",
+                     drop_layers: Optional[Sequence[int]] = None, head_add_back: bool = True,
+                     target_tp: int = 1, target_pp: int = 1) -> PrunePlan:
+    """Prunes checkpoint ``load`` to ``target`` using ``scores`` and writes ``output``.
+
+    Args:
+        load: source checkpoint (any layout it was saved at).
+        scores: SCORES path or dict from ``minitron importance`` on this checkpoint.
+        target: subset of num_layers, hidden_size, ffn_hidden_size, num_attention_heads,
+            num_query_groups; omitted keys are kept.
+        output: new checkpoint directory (must be new, empty or ours).
+        depth_metric: ppl, bi or block_bi — how layers are chosen when num_layers shrinks.
+        drop_layers: explicit source layers to drop instead of a metric.
+        head_add_back: add pruned heads' residual back into kept heads.
+        target_tp, target_pp: the layout the output must divide into.
+
+    Returns:
+        The plan that was applied (kept indices per layer).
+    """
+    source = io.load_config(load)
+    if isinstance(scores, str):
+        from megatron_minitron.importance import load_scores
+
+        scores = load_scores(scores, source)
+    io.check_output_path(output)
+    plan = plan_pruning(source, scores, target, depth_metric, drop_layers, head_add_back,
+                        target_tp, target_pp)
+    reader = CheckpointReader(load)
+    layer_specs = _layer_specs(reader, plan)
+    meta = {"pruned_from": os.path.abspath(load), "kept_layers": plan.kept_layers,
+            "depth_metric": None if drop_layers is not None else depth_metric,
+            "head_add_back": head_add_back,
+            "scores_aggregation": scores.get("meta", {}).get("aggregation")}
+    tokenizer = load if io.tokenizer_dir(load) else None
+    write_streaming_checkpoint(layer_specs + _global_specs(reader, plan), plan.target, output,
+                               meta=meta, tokenizer_from=tokenizer)
+    return plan

@@ -1,0 +1,111 @@
+"""Trimming weights to a :class:`PrunePlan`, one layer slice at a time.
+
+Where hidden size appears: embedding columns, every norm, QKV and FC1 input columns, attention
+projection and FC2 output rows (and their biases), the untied output layer's columns.
+
+Head add-back (on by default): for each (kept i, pruned j) pair inside a query group, the kept
+head's output-projection columns become ``W_o[:, i] + (W_o[:, i] − W_o[:, j])`` — the paper's
+head_i + (head_i − head_{2K−i+1}) applied to what each head writes into the residual stream.
+Heads of whole pruned query groups are not added back (their K/V leave with them).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from megatron_minitron.errors import UsageError
+from megatron_minitron.prune.plan import LayerPlan, PrunePlan
+
+
+def _index(values: List[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long)
+
+
+def qkv_rows(plan: PrunePlan, layer: LayerPlan) -> List[int]:
+    """Rows of the fused QKV weight kept, in mcore's per-group [q heads…, k, v] layout."""
+    d, per_group = plan.source.kv_channels, plan.source.heads_per_group
+    block = (per_group + 2) * d
+    kept = set(layer.heads)
+    rows = []
+    for group in layer.groups:
+        start = group * block
+        for local in range(per_group):
+            if group * per_group + local in kept:
+                rows.extend(range(start + local * d, start + (local + 1) * d))
+        rows.extend(range(start + per_group * d, start + (per_group + 2) * d))  # k, v
+    return rows
+
+
+def head_columns(plan: PrunePlan, heads: List[int]) -> List[int]:
+    d = plan.source.kv_channels
+    return [c for head in heads for c in range(head * d, (head + 1) * d)]
+
+
+def _add_back(weight: torch.Tensor, plan: PrunePlan, layer: LayerPlan) -> torch.Tensor:
+    """[h, heads*d] output projection with pruned heads' residual added into kept heads."""
+    if not layer.add_back:
+        return weight
+    d = plan.source.kv_channels
+    weight = weight.clone()
+    for kept, pruned in layer.add_back:
+        cols_i = slice(kept * d, (kept + 1) * d)
+        cols_j = slice(pruned * d, (pruned + 1) * d)
+        weight[:, cols_i] = weight[:, cols_i] + (weight[:, cols_i] - weight[:, cols_j])
+    return weight
+
+
+def prune_layer_tensor(suffix: str, tensor: torch.Tensor, plan: PrunePlan,
+                       layer: LayerPlan) -> torch.Tensor:
+    """Prunes one layer's tensor named ``suffix`` (e.g. ``mlp.linear_fc1.weight``)."""
+    channels = _index(plan.channels)
+    if suffix.endswith("layernorm.weight") or suffix.endswith("layernorm.bias"):
+        return tensor.index_select(0, channels)
+    if suffix == "self_attention.linear_qkv.weight":
+        return tensor.index_select(0, _index(qkv_rows(plan, layer))).index_select(1, channels)
+    if suffix == "self_attention.linear_qkv.bias":
+        return tensor.index_select(0, _index(qkv_rows(plan, layer)))
+    if suffix == "self_attention.linear_proj.weight":
+        weight = _add_back(tensor, plan, layer) if plan.head_add_back else tensor
+        return weight.index_select(0, channels).index_select(
+            1, _index(head_columns(plan, layer.heads)))
+    if suffix in ("self_attention.linear_proj.bias", "mlp.linear_fc2.bias"):
+        return tensor.index_select(0, channels)
+    if suffix in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
+        rows = list(layer.neurons)
+        if plan.source.gated:  # global layout [gate; up]
+            rows += [plan.source.ffn_hidden_size + n for n in layer.neurons]
+        out = tensor.index_select(0, _index(rows))
+        return out.index_select(1, channels) if out.dim() == 2 else out
+    if suffix == "mlp.linear_fc2.weight":
+        return tensor.index_select(0, channels).index_select(1, _index(layer.neurons))
+    raise UsageError(f"cannot prune layer parameter {suffix!r}: the architecture has a part "
+                     "this pruner does not know")
+
+
+def prune_global_tensor(key: str, tensor: torch.Tensor, plan: PrunePlan) -> torch.Tensor:
+    """Prunes a tensor outside the layers (embedding, final norm, output layer)."""
+    channels = _index(plan.channels)
+    if key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return tensor.index_select(1, channels)
+    if key.startswith("decoder.final_layernorm."):
+        return tensor.index_select(0, channels)
+    raise UsageError(f"cannot prune parameter {key!r}: the architecture has a part this pruner "
+                     "does not know")
+
+
+def prune_state_dict(state: Dict[str, torch.Tensor], plan: PrunePlan) -> Dict[str, torch.Tensor]:
+    """Prunes an in-memory TP=1 state dict (``decoder.layers.{i}.<suffix>`` naming)."""
+    out = {}
+    prefix = "decoder.layers."
+    for new_index, layer in enumerate(plan.layers):
+        marker = f"{prefix}{layer.source_layer}."
+        for key, tensor in state.items():
+            if key.startswith(marker):
+                suffix = key[len(marker):]
+                out[f"{prefix}{new_index}.{suffix}"] = prune_layer_tensor(suffix, tensor, plan, layer)
+    for key, tensor in state.items():
+        if not key.startswith(prefix):
+            out[key] = prune_global_tensor(key, tensor, plan)
+    return out
