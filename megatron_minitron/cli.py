@@ -23,6 +23,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
                         "tokenize text/JSONL into a Megatron indexed dataset"),
     "importance": ("megatron_minitron.commands.importance",
                    "activation importance of heads, groups, neurons, channels and layers"),
+    "prune": ("megatron_minitron.commands.prune",
+              "prune a checkpoint to a target architecture using importance scores"),
     "eval": ("megatron_minitron.commands.eval", "LM loss and perplexity of a checkpoint"),
 }
 

@@ -35,7 +35,8 @@ def _text_stream(text_file: Sequence[str] | str, tokenizer) -> numpy.ndarray:
 
 def calibration_samples(text_file: Optional[Sequence[str] | str] = None,
                         data_prefix: Optional[str] = None, tokenizer=None, *,
-                        num_samples: int, seq_length: int, seed: int = 1234) -> torch.Tensor:
+                        num_samples: Optional[int], seq_length: int,
+                        seed: int = 1234) -> torch.Tensor:
     """Draws ``num_samples`` disjoint windows of ``seq_length + 1`` tokens.
 
     Args:
@@ -43,7 +44,8 @@ def calibration_samples(text_file: Optional[Sequence[str] | str] = None,
         data_prefix: a Megatron indexed dataset prefix (already tokenized); exclusive with
             ``text_file``.
         tokenizer: a Hugging Face tokenizer; needed with ``text_file``.
-        num_samples: number of windows.
+        num_samples: number of windows; None takes every whole window of the data, in order
+            (evaluation on a held-out text).
         seq_length: model sequence length; each window holds one token more.
         seed: seed of the permutation that picks the windows.
 
@@ -54,7 +56,7 @@ def calibration_samples(text_file: Optional[Sequence[str] | str] = None,
     Raises:
         UsageError: bad arguments, empty data, or fewer tokens than asked for.
     """
-    if num_samples < 1 or seq_length < 1:
+    if (num_samples is not None and num_samples < 1) or seq_length < 1:
         raise UsageError(f"num_samples={num_samples} and seq_length={seq_length} must be >= 1")
     if (text_file is None) == (data_prefix is None):
         raise UsageError("pass exactly one source of calibration data: a text file or a data "
@@ -69,7 +71,11 @@ def calibration_samples(text_file: Optional[Sequence[str] | str] = None,
                              "checkpoint that carries one")
         source, stream = text_file, _text_stream(text_file, tokenizer)
     window = seq_length + 1
-    needed = num_samples * window
+    if num_samples is None and stream.shape[0] >= window:
+        count = stream.shape[0] // window
+        return torch.from_numpy(numpy.asarray(stream[:count * window], dtype=numpy.int64)
+                                .reshape(count, window))
+    needed = (num_samples or 1) * window
     if stream.shape[0] == 0:
         raise UsageError(f"calibration data {source} is empty (0 tokens); pass a file with text")
     if stream.shape[0] < needed:

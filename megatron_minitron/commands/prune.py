@@ -1,0 +1,72 @@
+"""``minitron prune``: trim a checkpoint to a target architecture using cached scores.
+
+    minitron prune --load CKPT --scores scores.pt \
+        --target num_layers=16,hidden_size=384,ffn_hidden_size=1024 --depth-metric ppl \
+        --output PRUNED
+    minitron prune --load CKPT --scores scores.pt --drop-layers 20,21,22,23 --output PRUNED
+
+Any target key may be omitted (kept as is). The output is a normal checkpoint: it loads at any
+TP/PP (``--target-tp/--target-pp`` check that its shape divides the layout you will use) and
+exports to Hugging Face.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from megatron_minitron.errors import UsageError
+
+logger = logging.getLogger("megatron_minitron")
+
+
+def add_arguments(parser, name):
+    parser.add_argument("--load", required=True, help="source checkpoint directory")
+    parser.add_argument("--scores", required=True, help="SCORES file from `minitron importance`")
+    parser.add_argument("--target", default="",
+                        help="KEY=VALUE,... of num_layers, hidden_size, ffn_hidden_size, "
+                             "num_attention_heads, num_query_groups")
+    depth = parser.add_mutually_exclusive_group()
+    depth.add_argument("--depth-metric", choices=("ppl", "bi", "block_bi"), default="ppl",
+                       help="how layers are chosen when num_layers shrinks (default ppl)")
+    depth.add_argument("--drop-layers", help="comma-separated source layers to drop (0-based)")
+    parser.add_argument("--head-add-back", action=argparse.BooleanOptionalAction, default=True,
+                        help="add pruned heads' residual into kept heads (default on; "
+                             "--no-head-add-back turns it off)")
+    parser.add_argument("--target-tp", "--target-tensor-model-parallel-size", dest="target_tp",
+                        type=int, default=1, help="TP the output must divide into (default 1)")
+    parser.add_argument("--target-pp", "--target-pipeline-model-parallel-size", dest="target_pp",
+                        type=int, default=1, help="PP the output must divide into (default 1)")
+    parser.add_argument("--output", required=True, help="pruned checkpoint directory")
+
+
+def parse_drop_layers(text):
+    if text is None:
+        return None
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise UsageError(f"--drop-layers {text!r} must be comma-separated integers") from None
+
+
+def main(args) -> int:
+    from megatron_minitron.checkpoint.io import load_config, read_checkpoint_info
+    from megatron_minitron.prune import describe_counts, parse_target, prune_checkpoint
+
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:  # streamed in one process; other ranks idle
+        return 0
+    target = parse_target(args.target)
+    drop = parse_drop_layers(args.drop_layers)
+    read_checkpoint_info(args.load)
+    source = load_config(args.load)
+    plan = prune_checkpoint(args.load, args.scores, target, args.output,
+                            depth_metric=None if drop is not None else args.depth_metric,
+                            drop_layers=drop, head_add_back=args.head_add_back,
+                            target_tp=args.target_tp, target_pp=args.target_pp)
+    print(f"source: {describe_counts(source)}")
+    print(f"pruned: {describe_counts(plan.target)}")
+    print(f"kept layers: {plan.kept_layers}")
+    print(f"wrote {args.output}")
+    return 0
