@@ -51,7 +51,7 @@ def test_importance_prune_eval(workspace, capsys):
                 "num_layers=3,ffn_hidden_size=64,num_attention_heads=2,num_query_groups=1",
                 "--depth-metric", "bi", "--output", pruned]) == 0
     out = capsys.readouterr().out
-    assert "pruned:" in out and "kept layers:" in out
+    assert "pruned:" in out and "kept layers" in out
     assert io.load_config(pruned).ffn_hidden_size == 64
     assert io.tokenizer_dir(pruned) is not None  # the tokenizer travels with the checkpoint
     result = str(root / "eval.json")
@@ -107,3 +107,29 @@ def test_prune_bad_target_is_one_line(workspace, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "larger than the source's 64" in err[0]
     assert not os.path.exists(str(root / "bad_prune"))
+
+
+def test_iterative_pruning_in_rounds(workspace):
+    root, ckpt, text = workspace
+    from megatron_minitron.importance import random_scores, save_scores
+    from megatron_minitron.prune.iterative import round_targets
+
+    source = io.load_config(ckpt)
+    final = source.replace(num_layers=2, ffn_hidden_size=64, num_attention_heads=2,
+                           num_query_groups=1)
+    steps = round_targets(source, final, 2)
+    assert steps[0] == {"num_layers": 3, "hidden_size": 64, "ffn_hidden_size": 96,
+                        "num_query_groups": 2, "num_attention_heads": 4}
+    assert steps[-1]["num_layers"] == 2 and steps[-1]["num_attention_heads"] == 2
+    scores = str(root / "scores_iter.pt")
+    save_scores(random_scores(source), scores)
+    out = str(root / "iterative")
+    assert cli(["prune", "--load", ckpt, "--scores", scores, "--output", out,
+                "--target", "num_layers=2,ffn_hidden_size=64,num_attention_heads=2,"
+                "num_query_groups=1", "--iterations", "2", "--text-file", text,
+                "--num-samples", "4", "--seq-length", str(SEQ)]) == 0
+    assert io.load_config(out).ffn_hidden_size == 64 and io.load_config(out).num_layers == 2
+    round1 = io.read_checkpoint_info(str(root / "iterative.rounds" / "round1"))
+    assert round1["model"]["num_layers"] == 3
+    final_info = io.read_checkpoint_info(out)
+    assert final_info["meta"]["pruned_from"].endswith("round1")

@@ -14,13 +14,14 @@ from megatron_minitron.config import ModelConfig
 from megatron_minitron.errors import UsageError
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, num_samples: int | None) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, num_samples: int | None,
+                       required: bool = True) -> None:
     group = parser.add_argument_group("data")
-    source = group.add_mutually_exclusive_group(required=True)
+    source = group.add_mutually_exclusive_group(required=required)
     source.add_argument("--text-file", nargs="+", help="text/JSONL file(s) or folder(s)")
     source.add_argument("--data-prefix", help="Megatron indexed dataset prefix (.bin/.idx)")
     group.add_argument("--json-key", default="text", help="JSONL field holding the text")
-    group.add_argument("--seq-length", type=int, required=True, help="tokens per sample")
+    group.add_argument("--seq-length", type=int, required=required, help="tokens per sample")
     group.add_argument("--num-samples", type=int, default=num_samples,
                        help=f"samples to draw (default {num_samples or 'every window of the data'})")
     group.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward")

@@ -58,25 +58,32 @@ def main(args) -> int:
 
 
 def run(args, cfg, icfg, layout):
-    from megatron.core import parallel_state
-
-    from megatron_minitron.checkpoint.io import load_checkpoint
-    from megatron_minitron.data import micro_batches
-    from megatron_minitron.importance import estimate_importance, save_scores
+    from megatron_minitron.importance import save_scores
     from megatron_minitron.importance.plot import plot_scores
 
     samples = load_samples(args, args.load, cfg)
-    batches = micro_batches(samples, args.micro_batch_size,
-                            parallel_state.get_data_parallel_rank(), layout.dp)
-    model, _ = load_checkpoint(args.load)
-    source = args.data_prefix or ",".join(args.text_file)
-    scores = estimate_importance(model, cfg, batches, icfg, meta={
-        "checkpoint": os.path.abspath(args.load), "data_source": source,
-        "data_fingerprint": fingerprint(samples), "seq_length": args.seq_length,
-        "seed": args.seed, "layout": str(layout)})
+    scores = compute_scores(args.load, samples, args, icfg, layout)
     save_scores(scores, args.output)
     if parallel.is_rank0():
         if args.plot:
             plot_scores(scores, os.path.splitext(args.output)[0] + ".png")
         print(f"wrote {args.output}: {scores['meta']['num_samples']} samples, "
               f"{scores['meta']['num_tokens']} tokens, aggregation {scores['meta']['aggregation']}")
+
+
+def compute_scores(load, samples, args, icfg, layout):
+    """Scores of checkpoint ``load`` on ``samples`` at the current layout (collective)."""
+    from megatron.core import parallel_state
+
+    from megatron_minitron.checkpoint.io import load_checkpoint
+    from megatron_minitron.data import micro_batches
+    from megatron_minitron.importance import estimate_importance
+
+    batches = micro_batches(samples, args.micro_batch_size,
+                            parallel_state.get_data_parallel_rank(), layout.dp)
+    model, cfg = load_checkpoint(load)
+    source = args.data_prefix or ",".join(args.text_file)
+    return estimate_importance(model, cfg, batches, icfg, meta={
+        "checkpoint": os.path.abspath(load), "data_source": source,
+        "data_fingerprint": fingerprint(samples), "seq_length": args.seq_length,
+        "seed": args.seed, "layout": str(layout)})

@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from megatron_minitron import parallel
+from megatron_minitron.cli import add_layout_arguments
+from megatron_minitron.commands.common import add_data_arguments, check_data_arguments, load_samples
 from megatron_minitron.errors import UsageError
 
 logger = logging.getLogger("megatron_minitron")
@@ -38,6 +41,13 @@ def add_arguments(parser, name):
     parser.add_argument("--target-pp", "--target-pipeline-model-parallel-size", dest="target_pp",
                         type=int, default=1, help="PP the output must divide into (default 1)")
     parser.add_argument("--output", required=True, help="pruned checkpoint directory")
+    iterative = parser.add_argument_group(
+        "iterative pruning", "--iterations T > 1 prunes in T steps, re-estimating importance on "
+        "each intermediate model from the data below (--scores serves the first step)")
+    iterative.add_argument("--iterations", type=int, default=1, help="pruning rounds (default 1)")
+    iterative.add_argument("--aggregation", default="l2,mean", help="as in `minitron importance`")
+    add_data_arguments(parser, num_samples=1024, required=False)
+    add_layout_arguments(parser)
 
 
 def parse_drop_layers(text):
@@ -50,23 +60,60 @@ def parse_drop_layers(text):
 
 
 def main(args) -> int:
-    from megatron_minitron.checkpoint.io import load_config, read_checkpoint_info
-    from megatron_minitron.prune import describe_counts, parse_target, prune_checkpoint
-
     import os
 
-    if int(os.environ.get("RANK", "0")) != 0:  # streamed in one process; other ranks idle
-        return 0
+    from megatron_minitron.checkpoint.io import load_config, read_checkpoint_info
+    from megatron_minitron.prune import describe_counts, parse_target
+
     target = parse_target(args.target)
     drop = parse_drop_layers(args.drop_layers)
     read_checkpoint_info(args.load)
     source = load_config(args.load)
-    plan = prune_checkpoint(args.load, args.scores, target, args.output,
-                            depth_metric=None if drop is not None else args.depth_metric,
-                            drop_layers=drop, head_add_back=args.head_add_back,
-                            target_tp=args.target_tp, target_pp=args.target_pp)
-    print(f"source: {describe_counts(source)}")
-    print(f"pruned: {describe_counts(plan.target)}")
-    print(f"kept layers: {plan.kept_layers}")
-    print(f"wrote {args.output}")
+    if args.iterations > 1:
+        if drop is not None:
+            raise UsageError("--iterations needs a --depth-metric, not --drop-layers")
+        if not (args.text_file or args.data_prefix) or args.seq_length is None:
+            raise UsageError("--iterations > 1 re-estimates importance: pass --text-file or "
+                             "--data-prefix and --seq-length")
+        check_data_arguments(args, source)
+        plan_target = _iterative(args, source, target)
+    elif int(os.environ.get("RANK", "0")) != 0:  # streamed in one process; other ranks idle
+        return 0
+    else:
+        from megatron_minitron.prune import prune_checkpoint
+
+        plan_target = prune_checkpoint(
+            args.load, args.scores, target, args.output,
+            depth_metric=None if drop is not None else args.depth_metric, drop_layers=drop,
+            head_add_back=args.head_add_back, target_tp=args.target_tp,
+            target_pp=args.target_pp).target
+    if parallel.is_rank0():
+        print(f"source: {describe_counts(source)}")
+        print(f"pruned: {describe_counts(plan_target)}")
+        kept = read_checkpoint_info(args.output)["meta"].get("kept_layers")
+        print(f"kept layers (of the last round's source): {kept}")
+        print(f"wrote {args.output}")
     return 0
+
+
+def _iterative(args, source, target):
+    from megatron_minitron.checkpoint.io import load_config
+    from megatron_minitron.commands.importance import compute_scores
+    from megatron_minitron.importance import ImportanceConfig, load_scores
+    from megatron_minitron.prune.iterative import iterative_prune
+    from megatron_minitron.prune.plan import target_config
+
+    target_config(source, target, args.target_tp, args.target_pp)  # fail before any work
+    first = load_scores(args.scores, source)
+    icfg = ImportanceConfig(aggregation=args.aggregation)
+    try:
+        layout = parallel.initialize(args.tp, args.pp, args.seed)
+        samples = load_samples(args, args.load, source)
+        iterative_prune(args.load, target, args.output, args.iterations,
+                        estimate=lambda ckpt: compute_scores(ckpt, samples, args, icfg, layout),
+                        first_scores=first, depth_metric=args.depth_metric,
+                        head_add_back=args.head_add_back, target_tp=args.target_tp,
+                        target_pp=args.target_pp)
+    finally:
+        parallel.teardown()
+    return load_config(args.output)
