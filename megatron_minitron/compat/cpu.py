@@ -11,7 +11,9 @@ What it does on a CUDA-less machine:
 * the CUDA RNG tracker (``megatron.core.tensor_parallel.random``) is backed by CPU generator states;
 * ``get_default_causal_mask`` (which hard-codes ``device="cuda"``) builds its mask on the CPU;
 * :func:`cuda_to_cpu` is a ``TorchFunctionMode`` that maps literal ``device="cuda"`` and
-  ``.cuda()`` calls (mcore's DDP, optimizer and pipeline schedules) onto the CPU.
+  ``.cuda()`` calls (mcore's DDP, optimizer and pipeline schedules) onto the CPU, and makes
+  ``tensor.type()`` name CPU tensors as their CUDA kind (``"torch.cuda.FloatTensor"``), which
+  mcore's optimizers and gradient clipping assert.
 """
 
 from __future__ import annotations
@@ -124,6 +126,9 @@ class _CudaToCpu(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.to:
             args = tuple(_map_device(a) for a in args)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         return func(*args, **kwargs)
 
 
