@@ -49,14 +49,21 @@ class Aggregation:
         return f"{self.batch},{self.seq}"
 
 
-def reduce_sequence(values: torch.Tensor, how: str) -> torch.Tensor:
-    """[s, b, c] → [b, c] in float64."""
-    values = values.double()
+def reduce_sequence(values: torch.Tensor, how: str, magnitude: bool = False) -> torch.Tensor:
+    """[s, b, c] → [b, c] float64 of ``values`` (or of ``|values|`` when ``magnitude``).
+
+    The reduction runs in float32 (one sample's sequence is short enough; the cross-sample
+    accumulation is float64). Mean and L2 of magnitudes are norms, so no |x| copy is made.
+    """
+    values = values.float()
     if how == "mean":
-        return values.mean(dim=0)
-    if how == "l2":
-        return values.pow(2).sum(dim=0).sqrt()
-    return values.var(dim=0, unbiased=False)
+        reduced = (torch.linalg.vector_norm(values, ord=1, dim=0) / values.shape[0]
+                   if magnitude else values.mean(dim=0))
+    elif how == "l2":
+        reduced = torch.linalg.vector_norm(values, dim=0)
+    else:
+        reduced = (values.abs() if magnitude else values).var(dim=0, unbiased=False)
+    return reduced.double()
 
 
 class StreamingStat:
@@ -68,9 +75,10 @@ class StreamingStat:
         self.mean = torch.zeros(num_channels, dtype=torch.float64, device=device)
         self.m2 = torch.zeros(num_channels, dtype=torch.float64, device=device)
 
-    def update(self, values: torch.Tensor) -> torch.Tensor:
-        """Adds per-token values [s, b, c]; returns the per-sample reduction [b, c]."""
-        per_sample = reduce_sequence(values, self.agg.seq)
+    def update(self, values: torch.Tensor, magnitude: bool = False) -> torch.Tensor:
+        """Adds per-token values [s, b, c] (their magnitudes when ``magnitude``); returns the
+        per-sample reduction [b, c]."""
+        per_sample = reduce_sequence(values, self.agg.seq, magnitude)
         self.merge(per_sample.shape[0], per_sample.mean(dim=0),
                    per_sample.var(dim=0, unbiased=False) * per_sample.shape[0])
         return per_sample

@@ -79,26 +79,28 @@ class ScoreCollector:
         def hook(module, args):
             out = args[0].detach()  # [s, b, heads_local * d]
             s, b = out.shape[:2]
-            sq = out.float().view(s, b, self.heads_local, d).pow(2).sum(-1)  # [s, b, heads_local]
-            _check_finite(self.head[index].update(sq.sqrt()), index, "attention head")
-            grouped = sq.view(s, b, self.groups_local, -1).sum(-1).sqrt()  # [s, b, groups_local]
+            norms = torch.linalg.vector_norm(out.view(s, b, self.heads_local, d).float(),
+                                             dim=-1)  # [s, b, heads_local]
+            _check_finite(self.head[index].update(norms), index, "attention head")
+            grouped = torch.linalg.vector_norm(norms.view(s, b, self.groups_local, -1),
+                                               dim=-1)  # [s, b, groups_local]
             self.group[index].update(grouped)
         return hook
 
     def _fc2_input_hook(self, index):
         def hook(module, args):
-            values = args[0].detach().float().abs()  # [s, b, ffn_local]
-            _check_finite(self.neuron[index].update(values), index, "MLP")
+            values = args[0].detach()  # [s, b, ffn_local]
+            _check_finite(self.neuron[index].update(values, magnitude=True), index, "MLP")
         return hook
 
     def _fc1_output_hook(self, index):
         half = 0 if self.neuron_source == "fc1" else 1
 
         def hook(module, args, output):
-            values = adapter.linear_output(output).detach().float()  # [s, b, (2×) ffn_local]
+            values = adapter.linear_output(output).detach()  # [s, b, (2×) ffn_local]
             if self.cfg.gated:
                 values = values.chunk(2, dim=-1)[half]  # mcore fc1 shard = [gate_local; up_local]
-            _check_finite(self.neuron[index].update(values.abs()), index, "MLP")
+            _check_finite(self.neuron[index].update(values, magnitude=True), index, "MLP")
         return hook
 
     def _norm_hook(self, index):
@@ -106,15 +108,15 @@ class ScoreCollector:
         self.norm_stats.append(stat)
 
         def hook(module, args, output):
-            values = output.detach().float().abs()  # [s, b, h]
-            _check_finite(stat.update(values), index, "norm")
+            values = output.detach()  # [s, b, h]
+            _check_finite(stat.update(values, magnitude=True), index, "norm")
         return hook
 
     def _layer_hook(self, index):
         def hook(module, args, kwargs, output):
-            x_in = adapter.layer_hidden_input(args, kwargs).detach().float()  # [s, b, h]
-            x_out = adapter.layer_hidden_output(output).detach().float()
-            cos = torch.nn.functional.cosine_similarity(x_in, x_out, dim=-1)  # [s, b]
+            x_in = adapter.layer_hidden_input(args, kwargs).detach()  # [s, b, h]
+            x_out = adapter.layer_hidden_output(output).detach()
+            cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
             _check_finite(cos, index, "residual stream")
             self.bi_sum[index] += cos.double().sum()
             self.bi_count[index] += cos.numel()

@@ -1,0 +1,87 @@
+"""Shared helpers of the benchmarks: a ~20M-parameter model, timing, JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def model_20m():
+    """6 layers, hidden 512, 8 heads / 4 groups, SwiGLU 1408, vocab 8192: ~22M parameters."""
+    from megatron_minitron.config import ModelConfig
+
+    return ModelConfig(num_layers=6, hidden_size=512, ffn_hidden_size=1408,
+                       num_attention_heads=8, num_query_groups=4, vocab_size=8192,
+                       max_position_embeddings=1024)
+
+
+def best_of(fn: Callable[[], None], repeats: int) -> float:
+    """Minimum wall time of ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def interleaved(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
+    """Minimum time of each fn, calls interleaved round-robin so machine noise hits all alike."""
+    for fn in fns.values():
+        fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_child(args: List[str]) -> Dict:
+    """Runs ``python -m <args>`` and parses the JSON printed on its last line."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable] + args, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def environment() -> Dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "machine": platform.machine(),
+            "device": "cuda:" + torch.cuda.get_device_name() if torch.cuda.is_available()
+            else f"cpu ({os.cpu_count()} cores)"}
+
+
+def write_result(name: str, result: Dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path + ".tmp", "w") as handle:
+        json.dump(dict(result, environment=environment()), handle, indent=2)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def print_table(rows: List[Dict], columns: List[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in rows:
+        print("  ".join(str(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
