@@ -1,0 +1,458 @@
+"""Distillation losses on vocab-parallel logits, exact at any TP size and computed in chunks.
+
+    result = logits_loss(student_logits, teacher_logits, labels, loss_mask,
+                         LogitLossSpec("kl", temperature=1.0, ce_weight=0.5), tp_group)
+    result.total.backward()        # d(kd_weight * KD_sum + ce_weight * CE_sum)
+
+Logits are ``[s, b, v/tp]`` (any leading shape works; chunks run over the first dimension).
+Every per-token quantity that needs the whole vocabulary (max, normaliser, dot products) is
+all-reduced over the tensor parallel group, so each loss equals the single-rank value.
+
+Memory: the loss walks the logits in chunks of sequence positions. Per chunk it upcasts to fp32,
+computes the per-token losses and writes the gradient for the student logits at once, so nothing
+of logits size is saved for backward except that gradient. With ``teacher_writable=True`` the
+gradient is written into the teacher logits tensor (the caller gives it up), and the only extra
+memory is the chunk temporaries. Neither input is otherwise modified: a cross-entropy term never
+touches the logits the KD term reads (unlike mcore's non-fused vocab-parallel cross entropy, which
+turns its input into probabilities in place).
+
+Definitions per token (``T`` temperature, ``p = softmax(z / T)``; the sum runs over the vocab):
+
+* ``kl``: ``T² · KL(p_teacher ‖ p_student)`` (forward KL, Hinton's T² scaling);
+* ``rkl``: ``T² · KL(p_student ‖ p_teacher)``;
+* ``mse``: ``mean_v (z_s - z_t)²`` (temperature unused);
+* ``cosine``: ``1 - cos(z_s, z_t)`` (temperature unused);
+* ``topk_kl``: ``T² · KL(q_teacher ‖ q_student)`` with ``q = softmax`` restricted to the teacher's
+  ``topk`` largest logits (ties broken by the lower vocab id);
+* cross entropy: ``logsumexp(z_s) - z_s[label]`` at temperature 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+LOGIT_LOSSES = ("kl", "rkl", "mse", "cosine", "topk_kl")
+INTERMEDIATE_LOSSES = ("cosine", "mse")
+_AUTO_CHUNKS = 32  # chunk temporaries stay well under a quarter of one logits tensor
+_MIN_CHUNK_ELEMENTS = 1 << 20  # below this, more chunks only add all-reduces
+
+
+@dataclass(frozen=True)
+class LogitLossSpec:
+    """What the logits loss computes."""
+
+    kind: str = "kl"
+    """One of ``kl``, ``rkl``, ``mse``, ``cosine``, ``topk_kl``."""
+    temperature: float = 1.0
+    """Softmax temperature of the KL losses."""
+    kd_weight: float = 1.0
+    """Weight of the KD term in ``total``; 0 with no teacher (plain cross-entropy training)."""
+    ce_weight: float = 0.0
+    """Weight of the cross-entropy term in ``total``."""
+    topk: int = 64
+    """Teacher logits kept by ``topk_kl``."""
+    chunk_tokens: Optional[int] = None
+    """Sequence positions per chunk; None picks about 1/32 of the logits (at least 2^20 values)."""
+
+    def __post_init__(self):
+        if self.kind not in LOGIT_LOSSES:
+            raise ValueError(f"loss {self.kind!r} is unknown; choose one of {LOGIT_LOSSES}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
+            raise ValueError(f"kd_weight={self.kd_weight} and ce_weight={self.ce_weight} must be "
+                             ">= 0 and not both 0")
+        if self.topk < 1:
+            raise ValueError(f"topk={self.topk} must be >= 1")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens={self.chunk_tokens} must be >= 1")
+
+
+class LogitLossResult(NamedTuple):
+    """Sums over the unmasked tokens (float64 scalars; ``total`` carries the gradient)."""
+
+    total: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+    tokens: torch.Tensor
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _group_size(group) -> int:
+    if not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if _group_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _vocab_start(local_vocab: int, group) -> int:
+    rank = dist.get_rank(group) if _group_size(group) > 1 else 0
+    return rank * local_vocab
+
+
+def _chunk_rows(logits: torch.Tensor, spec: LogitLossSpec) -> int:
+    rows = logits.shape[0]
+    if spec.chunk_tokens is not None:
+        return min(rows, spec.chunk_tokens)
+    per_row = max(1, logits[0].numel())
+    budget = max(logits.numel() // _AUTO_CHUNKS, _MIN_CHUNK_ELEMENTS)
+    return max(1, min(rows, budget // per_row))
+
+
+class _Chunk:
+    """Per-chunk state: fp32 logits, masks and, for the CE term, the target ids."""
+
+    def __init__(self, student, teacher, labels, mask, vocab_start, spec):
+        self.s = student.float()  # [c, b, v/tp]; a view when already fp32: never written
+        self.t = None if teacher is None else teacher.float()
+        self.mask = mask.to(torch.float32)  # [c, b]
+        self.labels = labels
+        self.vocab_start = vocab_start
+        self.spec = spec
+
+
+def _softmax_stats(logits: torch.Tensor, group):
+    """exp(z - max) [c, b, v/tp] and the vocab-global max [c, b]."""
+    row_max = logits.amax(dim=-1)
+    _all_reduce(row_max, group, dist.ReduceOp.MAX)
+    return torch.sub(logits, row_max.unsqueeze(-1)).exp_(), row_max
+
+
+def _target_logits(chunk: _Chunk, logits: torch.Tensor) -> torch.Tensor:
+    """This rank's share of z[label] (0 where another rank owns the label): [c, b]."""
+    local = chunk.labels - chunk.vocab_start
+    owned = (local >= 0) & (local < logits.shape[-1])
+    picked = torch.gather(logits, -1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1))
+    return picked.squeeze(-1) * owned
+
+
+def _add_onehot(grad: torch.Tensor, chunk: _Chunk, scale: float) -> None:
+    """grad[label] -= scale on the rank owning each label."""
+    local = chunk.labels - chunk.vocab_start
+    owned = (local >= 0) & (local < grad.shape[-1])
+    values = -scale * owned.to(grad.dtype)
+    grad.scatter_add_(-1, local.clamp(0, grad.shape[-1] - 1).unsqueeze(-1), values.unsqueeze(-1))
+
+
+# ----------------------------------------------------------------------------- KD terms
+# Each returns (per-token loss [c, b], kd_weight times the gradient of the per-token loss w.r.t.
+# the student logits [c, b, v/tp], or None) and reuses its temporaries for the gradient.
+
+
+def _vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vecdot(a, b, dim=-1)
+
+
+def _shifted_exp(x: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    return torch.sub(x, row_max.unsqueeze(-1)).exp_()
+
+
+def _kl(chunk: _Chunk, group, need_grad: bool, reverse: bool, ce_share: float):
+    """``ce_share``: weight of a cross-entropy term folded in (temperature 1): its softmax part
+    ``ce_share * p_s`` is added to the gradient here, leaving only the one-hot part."""
+    spec = chunk.spec
+    temp = spec.temperature
+    s = chunk.s if temp == 1.0 else chunk.s / temp
+    t = chunk.t if temp == 1.0 else chunk.t / temp
+    row_max = torch.stack([s.amax(dim=-1), t.amax(dim=-1)])  # [2, c, b]
+    _all_reduce(row_max, group, dist.ReduceOp.MAX)
+    exp_s = _shifted_exp(s, row_max[0])
+    exp_t = _shifted_exp(t, row_max[1])
+    diff = torch.sub(s, t)  # [c, b, v/tp]
+    sums = torch.stack([exp_s.sum(-1), exp_t.sum(-1),
+                        _vecdot(diff, exp_s if reverse else exp_t)])  # [3, c, b]
+    _all_reduce(sums, group)
+    lse_s = row_max[0] + torch.log(sums[0])
+    lse_t = row_max[1] + torch.log(sums[1])
+    if reverse:  # sum p_s (s - t) - lse_s + lse_t
+        mean_diff = sums[2] / sums[0]
+        loss = mean_diff - lse_s + lse_t
+    else:  # sum p_t (t - s) - lse_t + lse_s
+        del diff
+        loss = -sums[2] / sums[1] - lse_t + lse_s
+    loss = loss * (temp * temp)
+    chunk.lse_student = lse_s if temp == 1.0 else None
+    if not need_grad:
+        return loss, None
+    scale = spec.kd_weight * temp  # d/dz = (1/T) d/ds, times the T^2 of the loss
+    probs_s = exp_s.div_(sums[0].unsqueeze(-1))
+    if reverse:  # d/ds = p_s * ((s - t) - mean(s - t))
+        factor = diff.sub_(mean_diff.unsqueeze(-1)).mul_(scale).add_(ce_share)
+        return loss, probs_s.mul_(factor)
+    probs_t = exp_t.div_(sums[1].unsqueeze(-1))  # d/ds = p_s - p_t
+    return loss, probs_s.mul_(scale + ce_share).sub_(probs_t.mul_(scale))
+
+
+def _mse(chunk: _Chunk, group, need_grad: bool):
+    diff = torch.sub(chunk.s, chunk.t)
+    vocab = diff.shape[-1] * _group_size(group)
+    loss = _all_reduce(_vecdot(diff, diff), group) / vocab
+    return loss, (diff.mul_(2.0 * chunk.spec.kd_weight / vocab) if need_grad else None)
+
+
+def _cosine(chunk: _Chunk, group, need_grad: bool):
+    s, t = chunk.s, chunk.t
+    sums = torch.stack([_vecdot(s, t), _vecdot(s, s), _vecdot(t, t)])
+    _all_reduce(sums, group)
+    norm_s = sums[1].sqrt().clamp_min(1e-12)
+    norm_t = sums[2].sqrt().clamp_min(1e-12)
+    cos = sums[0] / (norm_s * norm_t)
+    if not need_grad:
+        return 1.0 - cos, None
+    # d(1 - cos)/ds = cos * s / |s|^2 - t / (|s||t|)
+    weight = chunk.spec.kd_weight
+    grad = s * (weight * cos / (norm_s * norm_s)).unsqueeze(-1)
+    grad.sub_(t * (weight / (norm_s * norm_t)).unsqueeze(-1))
+    return 1.0 - cos, grad
+
+
+def _topk_kl(chunk: _Chunk, group, need_grad: bool):
+    spec, s, t = chunk.spec, chunk.s, chunk.t
+    local_vocab = t.shape[-1]
+    values, index = torch.topk(t, min(spec.topk, local_vocab), dim=-1, sorted=False)
+    index = index + chunk.vocab_start  # [c, b, k_local] global ids
+    size = _group_size(group)
+    if size > 1:
+        value_parts = [torch.empty_like(values) for _ in range(size)]
+        index_parts = [torch.empty_like(index) for _ in range(size)]
+        dist.all_gather(value_parts, values.contiguous(), group=group)
+        dist.all_gather(index_parts, index.contiguous(), group=group)
+        values, index = torch.cat(value_parts, -1), torch.cat(index_parts, -1)
+    # candidates in vocab order, so that ties resolve the same way at every TP size
+    order = torch.argsort(index, dim=-1)
+    values, index = values.gather(-1, order), index.gather(-1, order)
+    k = min(spec.topk, values.shape[-1])
+    top_values, top_pos = torch.topk(values, k, dim=-1, sorted=True)
+    local = index.gather(-1, top_pos) - chunk.vocab_start  # [c, b, k]
+    owned = (local >= 0) & (local < local_vocab)
+    local = local.clamp(0, local_vocab - 1)
+    student_top = _all_reduce(s.gather(-1, local) * owned, group)  # [c, b, k]
+    temp = spec.temperature
+    log_q_t = torch.log_softmax(top_values / temp, dim=-1)
+    log_q_s = torch.log_softmax(student_top / temp, dim=-1)
+    q_t = log_q_t.exp()
+    loss = (q_t * (log_q_t - log_q_s)).sum(-1) * (temp * temp)
+    if not need_grad:
+        return loss, None
+    grad_top = (log_q_s.exp() - q_t) * (spec.kd_weight * temp) * owned  # [c, b, k]
+    grad = torch.zeros_like(s)
+    grad.scatter_add_(-1, local, grad_top)
+    return loss, grad
+
+
+def _kd_term(chunk: _Chunk, group, need_grad: bool, ce_share: float):
+    kind = chunk.spec.kind
+    if kind in ("kl", "rkl"):
+        return _kl(chunk, group, need_grad, kind == "rkl", ce_share)
+    if kind == "mse":
+        return _mse(chunk, group, need_grad)
+    if kind == "cosine":
+        return _cosine(chunk, group, need_grad)
+    return _topk_kl(chunk, group, need_grad)
+
+
+def _ce_term(chunk: _Chunk, group, weight: float, grad: Optional[torch.Tensor],
+             folded: bool):
+    """Cross entropy at temperature 1 (reusing the KL's normaliser when it has one).
+
+    With ``weight > 0`` its gradient times ``weight`` is added to ``grad`` (or returned when
+    ``grad`` is None); ``folded``: the softmax part is already in ``grad``.
+    """
+    s = chunk.s
+    target = _all_reduce(_target_logits(chunk, s), group)
+    lse = getattr(chunk, "lse_student", None)
+    probs = None
+    if lse is None or (weight > 0 and not folded):
+        exp, row_max = _softmax_stats(s, group)
+        total = _all_reduce(exp.sum(-1), group)
+        lse = row_max + torch.log(total)
+        probs = exp.div_(total.unsqueeze(-1)) if weight > 0 and not folded else None
+    loss = lse - target
+    if weight == 0:
+        return loss, grad
+    if not folded:
+        probs.mul_(weight)
+        grad = probs if grad is None else grad.add_(probs)
+    _add_onehot(grad, chunk, weight)
+    return loss, grad
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _grad_buffer(student, teacher, teacher_writable: bool) -> torch.Tensor:
+    if (teacher_writable and teacher is not None and teacher.dtype == student.dtype
+            and teacher.shape == student.shape and teacher.is_contiguous()):
+        return teacher
+    return torch.empty_like(student)
+
+
+class _FusedLogitsLoss(torch.autograd.Function):
+    """Forward computes loss sums and the student-logits gradient chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, mask, spec, group, teacher_writable):
+        need_grad = ctx.needs_input_grad[0]
+        use_kd = teacher is not None and spec.kd_weight > 0
+        grad_buffer = _grad_buffer(student, teacher, teacher_writable) if need_grad else None
+        vocab_start = _vocab_start(student.shape[-1], group)
+        kd_sum = torch.zeros((), dtype=torch.float64, device=student.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=student.device)
+        rows = _chunk_rows(student, spec)
+        ce_weight = (spec.ce_weight if use_kd else 1.0) if need_grad else 0.0
+        fold = (use_kd and ce_weight > 0 and spec.kind in ("kl", "rkl")
+                and spec.temperature == 1.0)
+        for start in range(0, student.shape[0], rows):
+            end = min(start + rows, student.shape[0])
+            chunk = _Chunk(student[start:end], None if teacher is None else teacher[start:end],
+                           labels[start:end], mask[start:end], vocab_start, spec)
+            grad = None
+            if use_kd:
+                kd_tokens, grad = _kd_term(chunk, group, need_grad, ce_weight if fold else 0.0)
+                kd_sum += _vecdot(kd_tokens.double().flatten(), chunk.mask.double().flatten())
+            ce_tokens, grad = _ce_term(chunk, group, ce_weight, grad, fold)
+            ce_sum += _vecdot(ce_tokens.double().flatten(), chunk.mask.double().flatten())
+            if need_grad:
+                target = grad_buffer[start:end]
+                if grad is None:
+                    target.zero_()
+                else:
+                    torch.mul(grad, chunk.mask.unsqueeze(-1), out=target)
+            del chunk, grad
+        total = (spec.kd_weight * kd_sum + spec.ce_weight * ce_sum) if use_kd else ce_sum.clone()
+        ctx.grad_buffer = grad_buffer
+        ctx.mark_non_differentiable(kd_sum, ce_sum)
+        return total, kd_sum, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_kd, grad_ce):
+        grad = ctx.grad_buffer
+        ctx.grad_buffer = None
+        if grad_total is None:
+            return None, None, None, None, None, None, None
+        if not bool(grad_total == 1):
+            grad.mul_(grad_total.to(grad.dtype))
+        return grad, None, None, None, None, None, None
+
+
+def logits_loss(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: torch.Tensor,
+                loss_mask: Optional[torch.Tensor], spec: LogitLossSpec, tp_group=None,
+                teacher_writable: bool = False) -> LogitLossResult:
+    """KD + cross-entropy sums over the unmasked tokens of vocab-parallel logits.
+
+    Args:
+        student: student logits ``[s, b, v/tp]`` (this rank's vocab shard).
+        teacher: teacher logits of the same shape, or None for cross-entropy only.
+        labels: next-token ids ``[s, b]`` (global vocab ids).
+        loss_mask: ``[s, b]`` weights (1 keeps a token); None keeps all.
+        spec: loss kind, temperature and weights.
+        tp_group: the tensor parallel group the vocab is split over (None: not split).
+        teacher_writable: the teacher tensor may be overwritten with the gradient.
+
+    Returns:
+        :class:`LogitLossResult`: ``total = kd_weight·kd + ce_weight·ce`` (differentiable
+        w.r.t. ``student``; just ``ce`` when there is no teacher), the KD and CE sums
+        (always reported, detached) and the number of unmasked tokens.
+    """
+    if teacher is not None and teacher.shape != student.shape:
+        raise ValueError(f"teacher logits {list(teacher.shape)} and student logits "
+                         f"{list(student.shape)} differ; teacher and student need the same "
+                         "vocabulary and tensor parallel size")
+    if labels.shape != student.shape[:-1]:
+        raise ValueError(f"labels {list(labels.shape)} do not match logits "
+                         f"{list(student.shape)}")
+    mask = torch.ones(labels.shape, device=student.device) if loss_mask is None else loss_mask
+    teacher_in = None if teacher is None else teacher.detach()
+    total, kd, ce = _FusedLogitsLoss.apply(student, teacher_in, labels, mask, spec, tp_group,
+                                           teacher_writable)
+    return LogitLossResult(total, kd, ce, mask.to(torch.float64).sum())
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def reference_logits_loss(student: torch.Tensor, teacher: Optional[torch.Tensor],
+                          labels: torch.Tensor, loss_mask: Optional[torch.Tensor],
+                          spec: LogitLossSpec, tp_group=None) -> LogitLossResult:
+    """The same sums written plainly with autograd on full (all-gathered) logits.
+
+    For tests and for the benchmark's memory comparison; it holds several logits-sized tensors.
+    """
+    student = _gather_vocab(student, tp_group)
+    teacher = None if teacher is None else _gather_vocab(teacher, tp_group).detach()
+    mask = (torch.ones(labels.shape) if loss_mask is None else loss_mask).double()
+    temp = spec.temperature
+    zero = torch.zeros((), dtype=torch.float64)
+    kd = zero
+    if teacher is not None and spec.kd_weight > 0:
+        kd = (_reference_kd(student.double(), teacher.double(), spec, temp) * mask).sum()
+    log_probs = torch.log_softmax(student.double(), dim=-1)
+    ce = -(log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * mask).sum()
+    use_kd = teacher is not None and spec.kd_weight > 0
+    total = spec.kd_weight * kd + spec.ce_weight * ce if use_kd else ce
+    return LogitLossResult(total, kd.detach(), ce.detach(), mask.sum())
+
+
+def _reference_kd(s, t, spec, temp):
+    if spec.kind in ("kl", "rkl"):
+        log_p_s = torch.log_softmax(s / temp, -1)
+        log_p_t = torch.log_softmax(t / temp, -1)
+        if spec.kind == "kl":
+            return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * temp * temp
+        return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1) * temp * temp
+    if spec.kind == "mse":
+        return ((s - t) ** 2).mean(-1)
+    if spec.kind == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-12)
+    top_values, top_index = torch.topk(t, spec.topk, dim=-1)
+    log_q_t = torch.log_softmax(top_values / temp, -1)
+    log_q_s = torch.log_softmax(s.gather(-1, top_index) / temp, -1)
+    return (log_q_t.exp() * (log_q_t - log_q_s)).sum(-1) * temp * temp
+
+
+def _gather_vocab(logits: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable all-gather over the vocab dimension."""
+    if _group_size(group) == 1:
+        return logits
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(logits, group=group)
+
+
+# ----------------------------------------------------------------------------- intermediate
+
+
+def intermediate_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                      kind: str = "cosine") -> torch.Tensor:
+    """Per-token loss between (projected) student and teacher hidden states ``[s, b, h]``.
+
+    ``cosine``: ``1 - cos`` along the hidden dimension; ``mse``: mean squared difference.
+    Hidden states are replicated over tensor parallel ranks (no sequence parallelism), so
+    every rank computes the same value. Returns ``[s, b]`` in fp32.
+    """
+    student_hidden = student_hidden.float()
+    teacher_hidden = teacher_hidden.detach().float()
+    if kind == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(student_hidden, teacher_hidden,
+                                                           dim=-1, eps=1e-8)
+    if kind == "mse":
+        return ((student_hidden - teacher_hidden) ** 2).mean(-1)
+    raise ValueError(f"intermediate loss {kind!r} is unknown; choose one of "
+                     f"{INTERMEDIATE_LOSSES}")
+
+
+def logits_bytes(shape, dtype=torch.float32) -> int:
+    """Bytes of one logits tensor of ``shape``."""
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
