@@ -1,0 +1,280 @@
+"""Hugging Face Llama-family configs and weights <-> our ModelConfig and mcore GPTModel.
+
+Supported: ``LlamaForCausalLM`` (Llama 2/3, SmolLM2), ``MistralForCausalLM`` without a sliding
+window, and ``Qwen2ForCausalLM`` (QKV bias, no sliding window). Anything the mcore model cannot
+reproduce exactly raises a one-line :class:`UsageError` naming the value.
+
+Weight layout (per layer ``i``, HF names under ``model.layers.{i}``)::
+
+    input_layernorm            <-> input norm
+    self_attn.{q,k,v}_proj     <-> fused QKV, rows query group by group: [q heads, k, v]
+    self_attn.o_proj           <-> attention output projection
+    post_attention_layernorm   <-> pre-MLP norm
+    mlp.{gate,up}_proj         <-> MLP fc1 = cat[gate, up]
+    mlp.down_proj              <-> MLP fc2
+
+plus ``model.embed_tokens``, ``model.norm`` and ``lm_head`` (untied models only).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from megatron_minitron import adapter
+from megatron_minitron.config import ModelConfig
+from megatron_minitron.errors import UsageError
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+"""Supported HF architectures and their ``model_type``."""
+
+MODEL_TYPES = {model_type: arch for arch, model_type in ARCHITECTURES.items()}
+
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+# HF buffers that are recomputed from the config and carry no weights.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def check_architecture(architectures: Optional[List[str]], model_type: Optional[str],
+                       where: str) -> str:
+    """Returns the supported architecture name, or raises UsageError naming the unknown one."""
+    names = list(architectures or [])
+    if not names and model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
+    supported = ", ".join(ARCHITECTURES)
+    if len(names) != 1 or names[0] not in ARCHITECTURES:
+        shown = names or [f"model_type={model_type!r}"]
+        raise UsageError(f"{where}: architecture {', '.join(map(str, shown))} is not supported; "
+                         f"supported: {supported}")
+    return names[0]
+
+
+def _rope(hf_config, where: str) -> Tuple[float, Dict[str, Any]]:
+    """(rope_theta, rope parameters) from either the transformers 5 ``rope_parameters`` or the
+    older ``rope_theta`` + ``rope_scaling`` fields."""
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    if params and all(isinstance(v, dict) for v in params.values()):  # one per layer type
+        if len(params) != 1:
+            raise UsageError(f"{where}: per-layer-type rope parameters {sorted(params)} are not "
+                             "supported; only one RoPE for all layers maps onto Megatron-Core")
+        params = next(iter(params.values()))
+    scaling = dict(getattr(hf_config, "rope_scaling", None) or {})
+    merged = {**scaling, **params}
+    theta = merged.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    return float(10000.0 if theta is None else theta), merged
+
+
+def _check_supported(hf_config, arch: str, where: str) -> None:
+    """Raises UsageError for features the mcore model here cannot reproduce."""
+    _, rope = _rope(hf_config, where)
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    if rope_type != "default":
+        raise UsageError(f"{where}: rope_scaling type {rope_type!r} is not supported; only the "
+                         "default (unscaled) RoPE maps onto Megatron-Core here")
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise UsageError(f"{where}: hidden_act={act!r} is not supported; only silu (SwiGLU)")
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if getattr(hf_config, name, None):
+            raise UsageError(f"{where}: {name}={getattr(hf_config, name)} (mixture of experts) "
+                             "is not supported; only dense models")
+    window = getattr(hf_config, "sliding_window", None)
+    windowed = getattr(hf_config, "use_sliding_window", arch == "MistralForCausalLM")
+    if windowed and window and window < hf_config.max_position_embeddings:
+        raise UsageError(f"{where}: sliding_window={window} is not supported; Megatron-Core "
+                         "attends over the full context (use a model without a sliding window)")
+    layer_types = set(getattr(hf_config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise UsageError(f"{where}: layer_types {sorted(layer_types)} are not supported; only "
+                         "full_attention")
+    for name in ("attention_bias", "mlp_bias"):
+        if getattr(hf_config, name, False):
+            raise UsageError(f"{where}: {name}=True is not supported for {arch} (Megatron-Core "
+                             "would add biases to every linear layer)")
+    partial = getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0
+    if float(partial) != 1.0:
+        raise UsageError(f"{where}: partial_rotary_factor={partial} is not supported; only 1.0")
+
+
+def config_from_hf(hf_config, arch: str, where: str) -> ModelConfig:
+    """Maps a transformers Llama/Mistral/Qwen2 config onto our ModelConfig."""
+    _check_supported(hf_config, arch, where)
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    theta, _ = _rope(hf_config, where)
+    token_ids = {k: getattr(hf_config, k, None) for k in TOKEN_ID_FIELDS}
+    try:
+        return ModelConfig(
+            num_layers=hf_config.num_hidden_layers,
+            hidden_size=hf_config.hidden_size,
+            ffn_hidden_size=hf_config.intermediate_size,
+            num_attention_heads=heads,
+            num_query_groups=getattr(hf_config, "num_key_value_heads", None) or heads,
+            kv_channels=head_dim,
+            vocab_size=hf_config.vocab_size,
+            max_position_embeddings=hf_config.max_position_embeddings,
+            normalization="RMSNorm",
+            norm_epsilon=float(hf_config.rms_norm_eps),
+            activation="swiglu",
+            rotary_base=theta,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            add_bias_linear=False,
+            add_qkv_bias=arch == "Qwen2ForCausalLM",
+            init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
+            extra={"hf_architecture": arch, "hf_token_ids": token_ids},
+        )
+    except ValueError as err:
+        raise UsageError(f"{where}: {err}") from err
+
+
+def hf_config_from(cfg: ModelConfig, dtype: torch.dtype, token_ids: Optional[Dict] = None):
+    """A transformers LlamaConfig (or Qwen2Config when the QKV projection has a bias) for cfg."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    problems = []
+    if cfg.normalization != "RMSNorm":
+        problems.append(f"normalization={cfg.normalization}")
+    if not cfg.gated:
+        problems.append(f"activation={cfg.activation}")
+    if cfg.add_bias_linear:
+        problems.append("add_bias_linear=True")
+    if cfg.rotary_percent != 1.0:
+        problems.append(f"rotary_percent={cfg.rotary_percent}")
+    if problems:
+        raise UsageError(f"model config {', '.join(problems)} has no Hugging Face Llama/Qwen2 "
+                         "equivalent; export supports RMSNorm + SwiGLU + full RoPE models")
+    qwen2 = cfg.add_qkv_bias
+    ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
+    kwargs = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups,
+        head_dim=cfg.kv_channels,
+        hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_epsilon,
+        rope_theta=float(cfg.rotary_base),
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        initializer_range=cfg.init_method_std,
+        architectures=["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+        **ids,
+    )
+    if qwen2:
+        hf_config = Qwen2Config(use_sliding_window=False, **kwargs)
+    else:
+        hf_config = LlamaConfig(attention_bias=False, mlp_bias=False, **kwargs)
+    # transformers 5 names the weight dtype "dtype", older releases "torch_dtype"
+    setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", dtype)
+    return hf_config
+
+
+# ---------------------------------------------------------------- weights
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """HF q [n_heads*d, ...], k/v [n_groups*d, ...] -> mcore QKV [n_groups*(hpg+2)*d, ...]."""
+    groups, d = cfg.num_query_groups, cfg.kv_channels
+    rest = q.shape[1:]
+    q = q.reshape(groups, cfg.heads_per_group * d, *rest)  # [g, hpg*d, ...]
+    k = k.reshape(groups, d, *rest)  # [g, d, ...]
+    v = v.reshape(groups, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)  # [g*(hpg+2)*d, ...]
+
+
+def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> List[torch.Tensor]:
+    """Inverse of :func:`fuse_qkv`: mcore QKV -> [q, k, v] in HF's layout."""
+    groups, d, hpg = cfg.num_query_groups, cfg.kv_channels, cfg.heads_per_group
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(groups, (hpg + 2) * d, *rest)  # [g, (hpg+2)*d, ...]
+    q, k, v = torch.split(grouped, [hpg * d, d, d], dim=1)
+    return [q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
+
+
+def _combine(kind: str, tensors: List[torch.Tensor], cfg: ModelConfig) -> torch.Tensor:
+    if kind == "qkv":
+        return fuse_qkv(*tensors, cfg)
+    if kind == "fc1":
+        return torch.cat(tensors, dim=0)  # [2*ffn, h] = [gate; up]
+    return tensors[0]
+
+
+def _split(kind: str, tensor: torch.Tensor, cfg: ModelConfig) -> List[torch.Tensor]:
+    if kind == "qkv":
+        return split_qkv(tensor, cfg)
+    if kind == "fc1":
+        return list(torch.chunk(tensor, 2, dim=0))  # [gate, up], each [ffn, h]
+    return [tensor]
+
+
+def weight_slots(model, cfg: ModelConfig) -> List[Tuple[str, List[str], torch.Tensor]]:
+    """``(kind, hf_names, mcore_tensor)`` for every weight of a TP=1, PP=1 local-spec model.
+
+    ``kind`` says how the HF tensors combine into the mcore one: "copy", "qkv" or "fc1".
+    """
+    slots = [("copy", ["model.embed_tokens.weight"], adapter.word_embeddings(model).weight)]
+    for layer in adapter.decoder_layers(model):
+        i = adapter.layer_global_index(layer)
+        hf = f"model.layers.{i}."
+        input_norm, pre_mlp_norm = adapter.layer_norms(layer)
+        qkv = adapter.attention_qkv(layer)
+        attn = [hf + f"self_attn.{p}_proj." for p in "qkv"]
+        slots += [("copy", [hf + "input_layernorm.weight"], input_norm.weight),
+                  ("qkv", [n + "weight" for n in attn], qkv.weight)]
+        if cfg.add_qkv_bias:
+            slots.append(("qkv", [n + "bias" for n in attn], qkv.bias))
+        slots += [
+            ("copy", [hf + "self_attn.o_proj.weight"],
+             adapter.attention_output_projection(layer).weight),
+            ("copy", [hf + "post_attention_layernorm.weight"], pre_mlp_norm.weight),
+            ("fc1", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"],
+             adapter.mlp_fc1(layer).weight),
+            ("copy", [hf + "mlp.down_proj.weight"], adapter.mlp_fc2(layer).weight),
+        ]
+    slots.append(("copy", ["model.norm.weight"], adapter.final_norm(model).weight))
+    if not cfg.tie_word_embeddings:
+        slots.append(("copy", ["lm_head.weight"], adapter.output_layer(model).weight))
+    return slots
+
+
+@torch.no_grad()
+def load_hf_state(model, cfg: ModelConfig, hf_state: Dict[str, torch.Tensor], where: str) -> None:
+    """Copies an HF state dict into ``model``; consumes ``hf_state`` as it goes (frees memory).
+
+    Raises UsageError for a missing, surplus or mis-shaped tensor.
+    """
+    for kind, names, target in weight_slots(model, cfg):
+        missing = [n for n in names if n not in hf_state]
+        if missing:
+            raise UsageError(f"{where}: weight {missing[0]} is missing from the model")
+        value = _combine(kind, [hf_state.pop(n) for n in names], cfg)
+        if value.shape != target.shape:
+            raise UsageError(f"{where}: weight {names[0]} has shape {tuple(value.shape)}, the "
+                             f"config implies {tuple(target.shape)}")
+        target.copy_(value)
+    if cfg.tie_word_embeddings:
+        hf_state.pop("lm_head.weight", None)  # the tied alias of the embedding
+    surplus = [k for k in hf_state if not k.endswith(_IGNORED_SUFFIXES)]
+    if surplus:
+        raise UsageError(f"{where}: weights the config does not account for: {surplus[:3]}")
+
+
+@torch.no_grad()
+def hf_state_from(model, cfg: ModelConfig, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """HF state dict (contiguous, unshared tensors of ``dtype``) of a TP=1, PP=1 model."""
+    state = {}
+    for kind, names, source in weight_slots(model, cfg):
+        for name, part in zip(names, _split(kind, source.detach(), cfg)):
+            state[name] = part.to(device="cpu", dtype=dtype).contiguous().clone()
+    return state
