@@ -85,3 +85,37 @@ def print_table(rows: List[Dict], columns: List[str]) -> None:
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print("  ".join(str(row.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+class RssSampler:
+    """Samples this process's resident memory every ``interval`` s in a thread; ``peak_mb`` is
+    the highest value seen inside the ``with`` block and ``start_mb`` the value on entry."""
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        import psutil
+
+        self._process = psutil.Process()
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> float:
+        return self._process.memory_info().rss / 2**20
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._rss())
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self.start_mb = self.peak_mb = self._rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, self._rss())
+        return False

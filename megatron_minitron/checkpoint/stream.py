@@ -70,22 +70,24 @@ class CheckpointReader:
     def global_keys(self) -> List[str]:
         return sorted(k for k in self.shapes if not k.startswith(LAYER_PREFIX))
 
-    def read(self, keys: Sequence[str], layer: Optional[int] = None) -> Dict[str, torch.Tensor]:
-        """Reads ``keys`` (whole tensors, or the slice of source ``layer`` of stacked ones)."""
+    def read(self, keys: Sequence[str], layer: Optional[int] = None,
+             rows: Optional[Tuple[int, int]] = None) -> Dict[str, torch.Tensor]:
+        """Reads ``keys``: whole tensors, or the slice of source ``layer`` of stacked ones;
+        ``rows=(start, stop)`` narrows the first (non-layer) dimension further."""
         import torch.distributed.checkpoint as dcp
 
         out, regions = {}, []
         for key in keys:
             shape = tuple(self.shapes[key])
-            if layer is None:
-                offsets, sizes = (0,) * len(shape), shape
-                out[key] = torch.empty(shape, dtype=self.dtypes[key])
-                view = out[key]
-            else:
-                offsets, sizes = (layer,) + (0,) * (len(shape) - 1), (1,) + shape[1:]
-                out[key] = torch.empty(shape[1:], dtype=self.dtypes[key])
-                view = out[key].unsqueeze(0)
-            regions.append((key, offsets, sizes, view))
+            lead = 0 if layer is None else 1  # stacked tensors: [L, ...]
+            offsets, sizes = [0] * len(shape), list(shape)
+            if layer is not None:
+                offsets[0], sizes[0] = layer, 1
+            if rows is not None:
+                offsets[lead], sizes[lead] = rows[0], rows[1] - rows[0]
+            out[key] = torch.empty(sizes[lead:], dtype=self.dtypes[key])
+            view = out[key].unsqueeze(0) if lead else out[key]
+            regions.append((key, tuple(offsets), tuple(sizes), view))
         with _single_process():
             dcp.load({}, storage_reader=self._storage,
                      planner=_RegionLoadPlanner(regions), no_dist=True)
@@ -201,6 +203,19 @@ class _LazySavePlanner(SavePlanner):
         return producer().contiguous()
 
 
+def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
+    """Asks glibc to serve allocations above ``threshold`` bytes with mmap, so tensors freed
+    between streamed slices go back to the OS instead of growing the heap (glibc otherwise
+    raises that threshold up to 32 MiB after the first large free). No-op off glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def write_streaming_checkpoint(specs: Sequence[TensorSpec], cfg, path: str,
                                meta: Optional[Dict] = None,
                                tokenizer_from: Optional[str] = None) -> None:
@@ -209,6 +224,7 @@ def write_streaming_checkpoint(specs: Sequence[TensorSpec], cfg, path: str,
 
     path = os.path.abspath(path)
     io.check_output_path(path)
+    return_freed_memory_promptly()
     tmp = f"{path}.tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)

@@ -72,14 +72,25 @@ def _pruned_shape(reader, key, suffix, plan):
     return tuple(prune_layer_tensor(suffix, probe, plan, plan.layers[0]).shape)
 
 
-def _global_specs(reader: CheckpointReader, plan: PrunePlan):
+def _global_specs(reader: CheckpointReader, plan: PrunePlan, chunk_bytes: int = 8 << 20):
+    """Embedding-sized tensors are streamed in blocks of rows (only columns are pruned)."""
     specs = []
     for key in reader.global_keys():
-        probe = torch.empty(tuple(reader.shapes[key]), device="meta")
+        source_shape = tuple(reader.shapes[key])
+        probe = torch.empty(source_shape, device="meta")
         shape = tuple(prune_global_tensor(key, probe, plan).shape)
-        produce = (lambda key=key: prune_global_tensor(key, reader.read([key])[key], plan))
-        specs.append(TensorSpec(key, shape, reader.dtypes[key], [((0,) * len(shape), shape,
-                                                                  produce)]))
+        row_bytes = max(1, reader.dtypes[key].itemsize * int(torch.Size(source_shape[1:]).numel()))
+        step = max(1, chunk_bytes // row_bytes) if len(shape) == 2 else shape[0]
+        chunks = []
+        for start in range(0, shape[0], step):
+            stop = min(shape[0], start + step)
+
+            def produce(key=key, rows=(start, stop) if len(shape) == 2 else None):
+                return prune_global_tensor(key, reader.read([key], rows=rows)[key], plan)
+
+            chunks.append(((start,) + (0,) * (len(shape) - 1), (stop - start,) + shape[1:],
+                           produce))
+        specs.append(TensorSpec(key, shape, reader.dtypes[key], chunks))
     return specs
 
 
