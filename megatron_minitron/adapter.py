@@ -252,3 +252,111 @@ def is_first_stage() -> bool:
 
 def is_last_stage() -> bool:
     return parallel_state.is_pipeline_last_stage()
+
+
+# ---------------------------------------------------------------- training access
+
+
+def stage_forward(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor,
+                  input_tensor=None) -> torch.Tensor:
+    """Runs this rank's stage; returns hidden states [s, b, h], or on the last stage the
+    vocab-parallel logits [s, b, v/tp] as the output layer made them.
+
+    GPTModel itself returns ``logits.transpose(0, 1).contiguous()``, a second logits-sized
+    tensor (and another one in backward); a forward hook on the output layer hands the
+    original on and gives GPTModel an empty slice to transpose instead. ``input_tensor``: the
+    previous stage's hidden states (ignored on the first stage).
+    """
+    if input_tensor is not None or not model.pre_process:
+        model.set_input_tensor(input_tensor)
+    if not model.post_process:
+        return model(tokens, position_ids, None)
+    captured = []
+
+    def keep_logits(module, args, output):
+        logits = linear_output(output)  # [s, b, v/tp]
+        captured.append(logits)
+        return (logits[..., :0],) + tuple(output[1:])
+
+    handle = model.output_layer.register_forward_hook(keep_logits)
+    try:
+        model(tokens, position_ids, None)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def stage_layer_numbers(num_layers: int) -> List[int]:
+    """1-based numbers of the layers this pipeline stage holds (mcore's even split)."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    per_stage = num_layers // pp
+    first = parallel_state.get_pipeline_model_parallel_rank() * per_stage
+    return list(range(first + 1, first + per_stage + 1))
+
+
+def layer_stage(layer_number: int, num_layers: int, pp: int) -> int:
+    """Pipeline stage holding 1-based ``layer_number`` (0, the embedding, is on stage 0)."""
+    return 0 if layer_number == 0 else (layer_number - 1) // (num_layers // pp)
+
+
+def layer_by_number(model: GPTModel, layer_number: int) -> torch.nn.Module:
+    """The TransformerLayer with 1-based global ``layer_number`` on this stage."""
+    for layer in decoder_layers(model):
+        if layer.layer_number == layer_number:
+            return layer
+    raise KeyError(f"layer {layer_number} is not on this pipeline stage")
+
+
+def chained_optimizers(optimizer) -> List:
+    """The per-dtype Megatron optimizers inside mcore's ChainedOptimizer (or the one given)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def optimizer_param_states(optimizer) -> List:
+    """Every (model_param, flat_range, tensors) this rank's optimizer updates.
+
+    ``tensors`` maps ``"main_param"`` (the fp32 copy, only when it is not the model parameter
+    itself) and the inner optimizer's state names (``exp_avg``, ``exp_avg_sq``, ``step`` for
+    Adam) to the tensors the optimizer updates in place. ``flat_range`` is ``(start, end)``
+    within the flattened parameter for mcore's DistributedOptimizer (each data parallel rank
+    owns a range), None when the whole parameter is local.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    entries = []
+    for sub in chained_optimizers(optimizer):
+        inner = sub.optimizer
+        if inner is None:
+            continue
+        if isinstance(sub, DistributedOptimizer):
+            for model_param, (group, order) in sub.model_param_group_index_map.items():
+                main = inner.param_groups[group]["params"][order]
+                span = sub._get_model_param_range_map(model_param)["param"]
+                entries.append((model_param, (span.start, span.end),
+                                _state_tensors(inner, main, model_param)))
+        elif hasattr(sub, "float16_groups"):
+            pairs = [pair for groups in (zip(sub.float16_groups, sub.fp32_from_float16_groups),
+                                         zip(sub.fp32_from_fp32_groups, sub.fp32_from_fp32_groups))
+                     for model_group, main_group in groups
+                     for pair in zip(model_group, main_group)]
+            for model_param, main in pairs:
+                entries.append((model_param, None, _state_tensors(inner, main, model_param)))
+        else:
+            for group in inner.param_groups:
+                for param in group["params"]:
+                    entries.append((param, None, _state_tensors(inner, param, param)))
+    return entries
+
+
+def _state_tensors(inner, main, model_param) -> Dict[str, torch.Tensor]:
+    if len(inner.state[main]) == 0:  # state is created lazily by the first step
+        inner.state[main]["exp_avg"] = torch.zeros_like(main)
+        inner.state[main]["exp_avg_sq"] = torch.zeros_like(main)
+        if isinstance(inner, torch.optim.Optimizer) and type(inner).__module__.startswith(
+                "torch.optim"):
+            inner.state[main]["step"] = torch.zeros((), dtype=torch.float32)
+    tensors = {name: value for name, value in inner.state[main].items() if torch.is_tensor(value)}
+    separate = main.untyped_storage().data_ptr() != model_param.untyped_storage().data_ptr()
+    if separate or main.dtype != model_param.dtype:
+        tensors["main_param"] = main
+    return tensors

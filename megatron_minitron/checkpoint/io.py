@@ -122,12 +122,15 @@ def finalize_checkpoint_dir(tmp: str, path: str, cfg: ModelConfig, meta: Optiona
 def save_checkpoint(model, cfg: ModelConfig, path: str,
                     meta: Optional[Dict[str, Any]] = None,
                     extra_state: Optional[Dict[str, Any]] = None,
-                    tokenizer_from: Optional[str] = None) -> None:
+                    tokenizer_from: Optional[str] = None,
+                    extra_sharded: Optional[Dict[str, Any]] = None) -> None:
     """Saves this rank's shards of ``model`` (collective over all ranks) atomically to ``path``.
 
     ``extra_state``: a plain dict (optimizer step, data position, ...) stored by rank 0 as
     ``extra_state.pt``. ``tokenizer_from``: a directory of HF tokenizer files (or a checkpoint
-    holding ``tokenizer/``) copied into ``path/tokenizer``.
+    holding ``tokenizer/``) copied into ``path/tokenizer``. ``extra_sharded``: more mcore
+    sharded tensors (optimizer state, ...) saved beside the weights under their own keys; they
+    load back with :func:`load_sharded` and are ignored by :func:`load_checkpoint`.
     """
     from megatron.core import dist_checkpointing
 
@@ -139,7 +142,13 @@ def save_checkpoint(model, cfg: ModelConfig, path: str,
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     parallel.barrier()
-    dist_checkpointing.save(adapter.sharded_state_dict(model), tmp)
+    sharded = adapter.sharded_state_dict(model)
+    if extra_sharded:
+        clash = set(sharded) & set(extra_sharded)
+        if clash:
+            raise ValueError(f"extra_sharded keys {sorted(clash)[:3]} clash with model keys")
+        sharded.update(extra_sharded)
+    dist_checkpointing.save(sharded, tmp)
     parallel.barrier()
     if parallel.is_rank0():
         if extra_state is not None:
@@ -172,6 +181,14 @@ def load_weights(model, path: str) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]})")
+
+
+def load_sharded(path: str, sharded: Dict[str, Any]) -> Dict[str, Any]:
+    """Loads the requested mcore sharded tensors (e.g. ``extra_sharded`` of a save) from
+    ``path``; collective. Returns the same keys holding the loaded tensors."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load(sharded, path)
 
 
 def load_checkpoint(path: str, params_dtype: torch.dtype = torch.float32):

@@ -1,0 +1,190 @@
+"""Building a run: process groups, teacher and student stages, DDP, optimizer, learning-rate
+schedule, data; and the training checkpoints that restore all of it."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Optional
+
+import torch
+
+from megatron_minitron import parallel
+from megatron_minitron.compat.cpu import cpu_mode, cuda_to_cpu
+from megatron_minitron.distill import state
+from megatron_minitron.errors import UsageError
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything a running Trainer holds."""
+
+    layout: parallel.Layout
+    student: torch.nn.Module  # this rank's student stage (GPTModel)
+    teacher: Optional[torch.nn.Module]
+    model: torch.nn.Module  # DistillationModel
+    ddp_model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    start_step: int
+    next_batches: Callable[[], list]
+    sampler: object
+    valid_batches: Optional[list]
+
+
+def dtypes(precision: str):
+    """(student params dtype, teacher dtype) for ``--precision``."""
+    if precision == "fp32" or (precision == "auto" and cpu_mode()):
+        return torch.float32, torch.float32
+    return torch.bfloat16, torch.bfloat16
+
+
+def _load_tokenizer(trainer):
+    from megatron_minitron.data import check_tokenizer_fits, load_tokenizer
+    from megatron_minitron.distill.trainer import _tokenizer_source
+
+    tokenizer = load_tokenizer(_tokenizer_source(trainer.config))
+    check_tokenizer_fits(tokenizer, trainer.student_cfg.vocab_size)
+    return tokenizer
+
+
+def _data(trainer, tokenizer, dp_rank: int, dp: int, start_step: int):
+    from megatron_minitron.data import MicroBatchSampler
+    from megatron_minitron.distill.data import indexed_data, take, text_windows
+
+    config = trainer.config
+    steps = config.train_steps()
+    train_samples = steps * config.global_batch_size
+    valid_samples = config.eval_sample_count()
+    if config.text_file:
+        data = text_windows(config.text_file, tokenizer, config.json_key, config.seq_length,
+                            train_samples, valid_samples, config.split, config.seed)
+    else:
+        data = indexed_data(config.data_prefix, tokenizer, config.seq_length, train_samples,
+                            valid_samples, config.split, config.seed,
+                            cache_dir=os.path.join(config.output, "data_cache"))
+    sampler = MicroBatchSampler(data.train, config.micro_batch_size, dp_rank, dp,
+                                consumed_samples=start_step * config.global_batch_size)
+    per_step = config.global_batch_size // (config.micro_batch_size * dp)
+    iterator = iter(sampler)
+    valid_batches = None
+    if data.valid is not None and valid_samples:
+        group = config.micro_batch_size * dp
+        count = max(1, valid_samples // group)
+        valid_batches = take(iter(MicroBatchSampler(data.valid, config.micro_batch_size, dp_rank,
+                                                    dp)), count)
+    return (lambda: take(iterator, per_step)), sampler, valid_batches
+
+
+def _optimizer(trainer, ddp_model, student_dtype, dp: int):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = trainer.config
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=config.lr, min_lr=config.min_lr,
+        weight_decay=config.weight_decay, adam_beta1=config.adam_beta1,
+        adam_beta2=config.adam_beta2, adam_eps=config.adam_eps, clip_grad=config.clip_grad,
+        bf16=student_dtype == torch.bfloat16, params_dtype=student_dtype,
+        use_distributed_optimizer=dp > 1)
+    with cuda_to_cpu():
+        optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    steps = config.train_steps()
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr,
+        lr_warmup_steps=config.lr_warmup_steps, lr_decay_steps=steps, lr_decay_style="cosine",
+        start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=steps,
+        wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+def build_run(trainer) -> RunState:
+    """Initialises process groups and builds models, optimizer and data (collective)."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+
+    from megatron_minitron import adapter
+    from megatron_minitron.checkpoint.io import load_weights
+    from megatron_minitron.distill.model import DistillationModel
+
+    config = trainer.config
+    logging.getLogger("megatron.core").setLevel(logging.WARNING)  # per-parameter INFO lines
+    layout = parallel.initialize(config.tp, config.pp, config.seed)
+    start_step = trainer.resume_step or 0
+    state.start_run(config.output, trainer.identity(), config.to_dict(), trainer.resume_step)
+    tokenizer = _load_tokenizer(trainer)
+    next_batches, sampler, valid_batches = _data(
+        trainer, tokenizer, parallel_state.get_data_parallel_rank(), layout.dp, start_step)
+    student_dtype, teacher_dtype = dtypes(config.precision)
+    resume_dir = state.iteration_dir(config.output, start_step) if start_step else None
+    student = adapter.build_gpt_model(trainer.student_cfg, params_dtype=student_dtype)
+    load_weights(student, resume_dir or config.student)
+    teacher = None
+    if config.distilling:
+        teacher = adapter.build_gpt_model(trainer.teacher_cfg, params_dtype=teacher_dtype)
+        load_weights(teacher, config.teacher)
+    model = DistillationModel(student, teacher, trainer.student_cfg, trainer.teacher_cfg,
+                              trainer.pairs, config.intermediate_loss, config.seed)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=layout.dp > 1)
+    with cuda_to_cpu():
+        ddp_model = DistributedDataParallel(model.config, ddp_config, model)
+    model.config.no_sync_func = ddp_model.no_sync
+    optimizer, scheduler = _optimizer(trainer, ddp_model, student_dtype, layout.dp)
+    if resume_dir:
+        _restore(trainer, model, ddp_model, optimizer, scheduler, resume_dir, start_step)
+    ddp_model.train()
+    parallel.log_rank0(
+        f"{trainer.mode}: {layout}, {config.train_steps()} steps of {config.global_batch_size}"
+        f" × {config.seq_length} tokens" + (f", resuming at step {start_step}" if start_step
+                                           else ""))
+    return RunState(layout, student, teacher, model, ddp_model, optimizer, scheduler,
+                    start_step, next_batches, sampler, valid_batches)
+
+
+def _model_sharded(model):
+    from megatron_minitron import adapter
+
+    sharded = adapter.sharded_state_dict(model.student)
+    sharded.update(state.projection_sharded(model))
+    return sharded
+
+
+def _restore(trainer, model, ddp_model, optimizer, scheduler, path: str, step: int) -> None:
+    extra = state.read_extra_state(path)
+    if extra.get("step") != step:
+        raise UsageError(f"--resume: {path} records step {extra.get('step')}, not {step}")
+    state.restore_projections(model, path)
+    with cuda_to_cpu():
+        state.restore_optimizer(optimizer, ddp_model, _model_sharded(model), path,
+                                extra["optimizer_step"])
+    scheduler.load_state_dict(extra["scheduler"])
+
+
+def save_training_checkpoint(trainer, step: int) -> None:
+    """Weights, projections, optimizer state and progress at ``step`` (collective)."""
+    from megatron_minitron.checkpoint.io import save_checkpoint
+    from megatron_minitron.distill.trainer import _tokenizer_source
+
+    run, config = trainer.run_state, trainer.config
+    model_sharded = _model_sharded(run.model)
+    with cuda_to_cpu():
+        optimizer_sharded, optimizer_step = state.optimizer_sharded(
+            run.optimizer, run.ddp_model, model_sharded)
+    extra_sharded = dict(state.projection_sharded(run.model), **optimizer_sharded)
+    extra_state = {"step": step, "consumed_samples": step * config.global_batch_size,
+                   "optimizer_step": optimizer_step, "scheduler": run.scheduler.state_dict(),
+                   "identity": trainer.identity()}
+    save_checkpoint(run.student, trainer.student_cfg, state.iteration_dir(config.output, step),
+                    meta=trainer._meta(step), extra_state=extra_state,
+                    tokenizer_from=_tokenizer_source(config), extra_sharded=extra_sharded)
+    state.mark_latest(config.output, step)
+    state.prune_checkpoints(config.output, config.keep_checkpoints)
+    parallel.barrier()

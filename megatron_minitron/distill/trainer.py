@@ -1,0 +1,324 @@
+"""The training loop shared by distillation, teacher correction and plain retraining.
+
+    torchrun --nproc-per-node 4 -m megatron_minitron distill --teacher T --student S \
+        --data-prefix data/web --seq-length 4096 --train-tokens 100000000 \
+        --global-batch-size 64 --micro-batch-size 1 --lr 1e-4 --output run --tp 2 --resume auto
+
+    trainer = Trainer(config)      # cheap input checks (one-line UsageErrors)
+    summary = trainer.run()        # process groups, models, data, steps, checkpoints
+
+Each step runs mcore's pipeline schedule over ``global_batch / (micro_batch × DP)``
+micro-batches of the co-located :class:`DistillationModel`, then mcore's optimizer (the
+distributed optimizer when DP > 1) and a cosine learning-rate schedule with linear warm-up.
+Losses are token sums divided once by the global token count (mcore's per-token loss mode),
+so every layout optimises the same objective.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_minitron import parallel
+from megatron_minitron.checkpoint.io import read_checkpoint_info
+from megatron_minitron.config import ModelConfig
+from megatron_minitron.distill import state
+from megatron_minitron.distill.config import TrainConfig
+from megatron_minitron.distill.losses import LogitLossSpec, logits_loss
+from megatron_minitron.distill.model import LayerPair, check_pairs, parse_pairs
+from megatron_minitron.errors import UsageError
+
+logger = logging.getLogger("megatron_minitron")
+REPORT_FIELDS = ("loss", "kd", "ce", "is", "tokens")  # sums over the step's tokens
+
+
+def _checkpoint_config(path: str, flag: str) -> ModelConfig:
+    try:
+        info = read_checkpoint_info(path)
+    except UsageError as err:
+        raise UsageError(str(err).replace("--load", flag, 1)) from None
+    return ModelConfig.from_dict(info["model"])
+
+
+def _tokenizer_source(config: TrainConfig) -> Optional[str]:
+    from megatron_minitron.checkpoint.io import tokenizer_dir
+
+    if config.tokenizer:
+        return config.tokenizer
+    for path in (config.student, config.teacher):
+        if path and tokenizer_dir(path):
+            return path
+    return None
+
+
+def check_tokenizers(config: TrainConfig) -> None:
+    """Teacher and student must read the same token ids."""
+    from megatron_minitron.checkpoint.io import tokenizer_dir
+
+    folders = [tokenizer_dir(p) for p in (config.student, config.teacher)]
+    if None in folders:
+        return
+    from megatron_minitron.data import load_tokenizer
+
+    vocabs = [load_tokenizer(folder).get_vocab() for folder in folders]
+    if vocabs[0] != vocabs[1]:
+        raise UsageError(f"the teacher's tokenizer ({folders[1]}) differs from the student's "
+                         f"({folders[0]}); distill only between models of one tokenizer")
+
+
+class Trainer:
+    """One training run; see the module docstring."""
+
+    def __init__(self, config: TrainConfig, mode: str = "distill"):
+        config.check_required()
+        self.config = config
+        self.mode = mode
+        self.student_cfg = _checkpoint_config(config.student, "--student")
+        self.teacher_cfg = (_checkpoint_config(config.teacher, "--teacher")
+                            if config.distilling else None)
+        self.pairs: List[LayerPair] = parse_pairs(config.intermediate)
+        self._check_inputs()
+        self.resume_step = state.check_output(config.output, self.identity(), config.resume)
+
+    def identity(self) -> Dict:
+        return dict(self.config.run_identity(), mode=self.mode)
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_inputs(self) -> None:
+        config, student, teacher = self.config, self.student_cfg, self.teacher_cfg
+        world = parallel.world_size_from_env()
+        parallel.check_layout(config.tp, config.pp, world)
+        dp = world // (config.tp * config.pp)
+        for name, cfg in (("student", student), ("teacher", teacher)):
+            if cfg is None:
+                continue
+            try:
+                cfg.check_layout(config.tp, config.pp)
+            except ValueError as err:
+                raise UsageError(f"{err} of the {name}") from None
+            if config.seq_length > cfg.max_position_embeddings:
+                raise UsageError(f"--seq-length {config.seq_length} exceeds the {name}'s "
+                                 f"max_position_embeddings {cfg.max_position_embeddings}")
+        if teacher is not None and teacher.vocab_size != student.vocab_size:
+            raise UsageError(f"teacher vocab_size {teacher.vocab_size} differs from the "
+                             f"student's {student.vocab_size}; distill only between models of "
+                             "one tokenizer")
+        if teacher is not None:
+            check_tokenizers(config)
+            check_pairs(self.pairs, teacher, student, config.pp)
+        group = config.micro_batch_size * dp
+        if config.global_batch_size % group:
+            raise UsageError(
+                f"--global-batch-size {config.global_batch_size} is not divisible by "
+                f"--micro-batch-size {config.micro_batch_size} × data parallel size {dp}; use "
+                f"a multiple of {group}")
+        if config.train_tokens < config.global_batch_size * config.seq_length:
+            raise UsageError(f"--train-tokens {config.train_tokens} is less than one step "
+                             f"(global batch × seq length = "
+                             f"{config.global_batch_size * config.seq_length})")
+        if config.lr_warmup_steps >= config.train_steps():
+            raise UsageError(f"--lr-warmup-steps {config.lr_warmup_steps} must be below the "
+                             f"{config.train_steps()} training steps")
+        if config.text_file:
+            from megatron_minitron.data.text import input_files
+
+            files = input_files(config.text_file)  # raises for missing paths
+            if all(os.path.getsize(f) == 0 for f in files):
+                raise UsageError(f"--text-file {' '.join(config.text_file)} is empty: no data "
+                                 "to train on")
+        if config.data_prefix:
+            prefixes = [p for p in config.data_prefix if not _is_number(p)]
+            for prefix in prefixes:
+                if not os.path.isfile(prefix + ".idx"):
+                    raise UsageError(f"--data-prefix {prefix} has no .idx/.bin files; build them "
+                                     "with `minitron preprocess-data`")
+        if _tokenizer_source(config) is None and (config.text_file or config.data_prefix):
+            raise UsageError("no tokenizer: the checkpoints carry none; pass --tokenizer")
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        from megatron_minitron.distill.setup import build_run
+
+        self.run_state = build_run(self)
+
+    # ------------------------------------------------------------------ steps
+
+    def _forward_step(self, data_iterator, model):
+        from megatron_minitron.model.forward import position_ids_for
+
+        batch = next(data_iterator)
+        device = parallel.device()
+        tokens = batch["tokens"].to(device)  # [b, s]
+        output = model(tokens, position_ids_for(tokens))
+        labels = batch["labels"].to(device).t()  # [s, b]
+        mask = batch["loss_mask"].to(device).t()  # [s, b]
+        return output, functools.partial(self._loss, labels, mask)
+
+    def _loss(self, labels, mask, output):
+        from megatron_minitron import adapter
+
+        result = logits_loss(output.student_logits, output.teacher_logits, labels, mask,
+                             self.loss_spec, adapter.get_tp_group(), teacher_writable=True)
+        total = result.total
+        intermediate = torch.zeros((), dtype=torch.float64, device=total.device)
+        if output.intermediate is not None:
+            intermediate = (output.intermediate.double() * mask.double()).sum()
+            alpha = (result.kd / intermediate).detach() if intermediate > 0 else 0.0
+            total = total + alpha * intermediate
+        report = torch.stack([total.detach(), result.kd, result.ce, intermediate.detach(),
+                              result.tokens])
+        return total, result.tokens.to(torch.int), {"sums": report}
+
+    def run_schedule(self, batches, forward_only: bool) -> torch.Tensor:
+        """Runs the pipeline schedule over ``batches``; returns the step's summed
+        [loss, kd, ce, is, tokens] (float64) on every rank."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_minitron import adapter
+        from megatron_minitron.compat.cpu import cuda_to_cpu
+
+        run = self.run_state
+        seq = batches[0]["tokens"].shape[1]
+        with cuda_to_cpu(), torch.set_grad_enabled(not forward_only):
+            outputs = get_forward_backward_func()(
+                forward_step_func=self._forward_step, data_iterator=iter(batches),
+                model=[run.ddp_model], num_microbatches=len(batches), seq_length=seq,
+                micro_batch_size=batches[0]["tokens"].shape[0], forward_only=forward_only)
+        sums = torch.zeros(len(REPORT_FIELDS), dtype=torch.float64, device=parallel.device())
+        if adapter.is_last_stage():
+            sums = torch.stack([o["sums"] for o in outputs]).sum(0)
+        if dist.is_initialized():
+            dist.all_reduce(sums, group=adapter.get_dp_group())
+            pp_group = adapter.get_pp_group()
+            last = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
+            dist.broadcast(sums, src=last, group=pp_group)
+        return sums
+
+    def train_step(self, batches) -> Dict[str, float]:
+        from megatron_minitron.compat.cpu import cuda_to_cpu
+
+        run = self.run_state
+        run.ddp_model.zero_grad_buffer()
+        run.optimizer.zero_grad()
+        lr = run.optimizer.param_groups[0]["lr"]
+        sums = self.run_schedule(batches, forward_only=False)
+        with cuda_to_cpu():
+            ok, grad_norm, _ = run.optimizer.step()
+        run.scheduler.step(increment=1)
+        report = _means(sums)
+        report.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
+                      skipped=not ok)
+        return report
+
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        run = self.run_state
+        if run.valid_batches is None:
+            return None
+        run.ddp_model.eval()
+        try:
+            sums = self.run_schedule(run.valid_batches, forward_only=True)
+        finally:
+            run.ddp_model.train()
+        return _means(sums)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> Dict[str, float]:
+        """Trains to the end (or resumes there); returns the last step's report."""
+        from megatron_minitron.distill.progress import ProgressLog
+
+        if not hasattr(self, "run_state"):
+            self.setup()
+        run, config = self.run_state, self.config
+        total_steps = config.train_steps()
+        progress = ProgressLog(config, total_steps, run.start_step, self.tokens_per_step())
+        report: Dict[str, float] = {}
+        try:
+            for step in range(run.start_step + 1, total_steps + 1):
+                batches = run.next_batches()
+                started = time.perf_counter()
+                report = self.train_step(batches)
+                progress.step(step, report, time.perf_counter() - started)
+                if config.eval_interval and step % config.eval_interval == 0 \
+                        and step != total_steps:
+                    progress.validation(step, self.evaluate())
+                if config.save_interval and step % config.save_interval == 0 \
+                        and step != total_steps:
+                    self.save(step)
+            if run.start_step < total_steps or not os.path.isdir(self.final_dir()):
+                progress.validation(total_steps, self.evaluate())
+                if state.latest_step(config.output) != total_steps:
+                    self.save(total_steps)
+                self.save_final(total_steps)
+        finally:
+            progress.close()
+        return report
+
+    def tokens_per_step(self) -> int:
+        return self.config.global_batch_size * self.config.seq_length
+
+    def final_dir(self) -> str:
+        return os.path.join(self.config.output, state.FINAL)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, step: int) -> None:
+        from megatron_minitron.distill.setup import save_training_checkpoint
+
+        save_training_checkpoint(self, step)
+
+    def save_final(self, step: int) -> None:
+        from megatron_minitron.checkpoint.io import save_checkpoint
+
+        run = self.run_state
+        meta = dict(self._meta(step), role="final")
+        save_checkpoint(run.student, self.student_cfg, self.final_dir(), meta=meta,
+                        tokenizer_from=_tokenizer_source(self.config))
+        parallel.log_rank0(f"trained model written to {self.final_dir()}")
+
+    def _meta(self, step: int) -> Dict:
+        config = self.config
+        return {"trained_by": self.mode, "step": step, "tokens": step * self.tokens_per_step(),
+                "started_from": os.path.abspath(config.student),
+                "teacher": os.path.abspath(config.teacher) if config.teacher else None,
+                "loss": config.loss if config.distilling else "ce"}
+
+    @functools.cached_property
+    def loss_spec(self) -> LogitLossSpec:
+        config = self.config
+        return LogitLossSpec(config.loss, temperature=config.temperature,
+                             kd_weight=config.kd_weight if config.distilling else 0.0,
+                             ce_weight=config.ce_weight if config.distilling else 1.0,
+                             topk=config.topk, chunk_tokens=config.logits_chunk_tokens)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _means(sums: torch.Tensor) -> Dict[str, float]:
+    values = dict(zip(REPORT_FIELDS, sums.tolist()))
+    tokens = max(values["tokens"], 1.0)
+    report = {name: values[name] / tokens for name in REPORT_FIELDS if name != "tokens"}
+    report["tokens"] = int(values["tokens"])
+    return report
+
+
+def write_json_line(path: str, record: Dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
