@@ -26,6 +26,12 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "prune": ("megatron_minitron.commands.prune",
               "prune a checkpoint to a target architecture using importance scores"),
     "eval": ("megatron_minitron.commands.eval", "LM loss and perplexity of a checkpoint"),
+    "distill": ("megatron_minitron.commands.distill",
+                "distill a teacher into a student (co-located teacher, any TP×PP×DP)"),
+    "correct-teacher": ("megatron_minitron.commands.distill",
+                        "fine-tune the teacher on the distillation data (teacher correction)"),
+    "train": ("megatron_minitron.commands.distill",
+              "train a checkpoint: --ce-only for plain cross-entropy, or with --teacher"),
 }
 
 
