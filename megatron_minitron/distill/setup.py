@@ -41,11 +41,25 @@ def dtypes(precision: str):
 
 
 def _load_tokenizer(trainer):
-    from megatron_minitron.data import check_tokenizer_fits, load_tokenizer
+    """Rank 0 loads the tokenizer; every rank gets it for a data prefix (as the picklable
+    MegatronTokenizer mcore's datasets read), only rank 0 for text (it tokenizes)."""
+    from megatron_minitron.data import MegatronTokenizer, check_tokenizer_fits, load_tokenizer
     from megatron_minitron.distill.trainer import _tokenizer_source
 
-    tokenizer = load_tokenizer(_tokenizer_source(trainer.config))
-    check_tokenizer_fits(tokenizer, trainer.student_cfg.vocab_size)
+    tokenizer, error = None, None
+    if parallel.is_rank0():
+        try:
+            tokenizer = load_tokenizer(_tokenizer_source(trainer.config))
+            check_tokenizer_fits(tokenizer, trainer.student_cfg.vocab_size)
+        except UsageError as err:
+            error = str(err)
+    if trainer.config.data_prefix:
+        tokenizer = MegatronTokenizer(tokenizer) if tokenizer is not None else None
+        tokenizer, error = parallel.broadcast_object((tokenizer, error))
+    else:
+        error = parallel.broadcast_object(error)
+    if error:
+        raise UsageError(error)
     return tokenizer
 
 

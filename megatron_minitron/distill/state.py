@@ -125,7 +125,13 @@ def start_run(output: str, identity: Dict[str, Any], config: Dict[str, Any],
     log = os.path.join(output, LOG_FILE)
     if os.path.isfile(log):
         last = resume_step or 0
-        kept = [line for line in open(log) if line.strip() and json.loads(line)["step"] <= last]
+        kept = []
+        for line in open(log):
+            try:
+                if json.loads(line)["step"] <= last:
+                    kept.append(line)
+            except (ValueError, KeyError):  # a line cut short by a killed job
+                pass
         _write_atomic(log, "".join(kept))
 
 

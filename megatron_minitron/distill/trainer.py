@@ -58,6 +58,22 @@ def _tokenizer_source(config: TrainConfig) -> Optional[str]:
     return None
 
 
+def _vocabulary(folder: str):
+    """A tokenizer folder's token → id map; read from tokenizer.json when there is one (no
+    ``transformers`` import), else through ``transformers``."""
+    path = os.path.join(folder, "tokenizer.json")
+    if os.path.isfile(path):
+        with open(path) as handle:
+            data = json.load(handle)
+        vocab = dict(data.get("model", {}).get("vocab") or {})
+        if isinstance(vocab, dict) and vocab:
+            vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+            return vocab
+    from megatron_minitron.data import load_tokenizer
+
+    return load_tokenizer(folder).get_vocab()
+
+
 def check_tokenizers(config: TrainConfig) -> None:
     """Teacher and student must read the same token ids."""
     from megatron_minitron.checkpoint.io import tokenizer_dir
@@ -65,10 +81,7 @@ def check_tokenizers(config: TrainConfig) -> None:
     folders = [tokenizer_dir(p) for p in (config.student, config.teacher)]
     if None in folders:
         return
-    from megatron_minitron.data import load_tokenizer
-
-    vocabs = [load_tokenizer(folder).get_vocab() for folder in folders]
-    if vocabs[0] != vocabs[1]:
+    if _vocabulary(folders[0]) != _vocabulary(folders[1]):
         raise UsageError(f"the teacher's tokenizer ({folders[1]}) differs from the student's "
                          f"({folders[0]}); distill only between models of one tokenizer")
 
