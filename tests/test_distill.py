@@ -64,8 +64,11 @@ def _run(config):
     Trainer(config).run()
 
 
-def _run_and_resume(models, output, cross_copy, tp, pp):
-    """Full run; then drop its last checkpoint and resume from step 2 in the same job."""
+def _four_rank_runs(models, paths):
+    """TP=2×PP=2 with top-k KL; then PP=2×DP=2 (distributed optimizer), whose last checkpoint
+    is dropped so that it resumes from step 2 in the same job."""
+    _run(train_config(models, paths["tp2pp2"], tp=2, pp=2, loss="topk_kl", topk=24))
+    output, cross_copy, tp, pp = paths["pp2dp2"], paths["cross"], 1, 2
     _run(train_config(models, output, tp=tp, pp=pp))
     parallel.barrier()
     if parallel.is_rank0():
@@ -88,10 +91,8 @@ def _reference_and_cross_layout(models, reference, cross_copy):
 def runs(distill_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("distill_runs")
     paths = {name: str(root / name) for name in ("pp2dp2", "cross", "reference", "tp2pp2")}
-    spawn(_run_and_resume, 4, distill_models, paths["pp2dp2"], paths["cross"], 1, 2)
+    spawn(_four_rank_runs, 4, distill_models, paths)
     spawn(_reference_and_cross_layout, 1, distill_models, paths["reference"], paths["cross"])
-    spawn(_run, 4, train_config(distill_models, paths["tp2pp2"], tp=2, pp=2, loss="topk_kl",
-                                topk=24))
     return paths
 
 
