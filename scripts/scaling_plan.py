@@ -1,0 +1,472 @@
+"""Scale-out plan: memory per rank and time of each stage on DGX A100 80GB nodes.
+
+    python scripts/scaling_plan.py            # writes docs/SCALING.md
+    python scripts/scaling_plan.py --check    # exit 1 when docs/SCALING.md is out of date
+
+Parameter counts are exact (``megatron_minitron.config.count_parameters``); every rank's share
+of them follows Megatron's sharding (column/row-parallel linears split by TP, norms replicated,
+embedding on the first and output layer on the last pipeline stage). Activation memory and time
+come from the formulas and assumptions printed in the document: no GPU measurement is behind them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from megatron_minitron.config import ModelConfig, count_parameters  # noqa: E402
+
+DOC = os.path.join(ROOT, "docs", "SCALING.md")
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """What the plan takes as given (every figure in the document follows from these)."""
+
+    gpus_per_node: int = 8
+    """DGX A100: 8 GPUs per node, NVLink inside the node."""
+    gpu_memory_gib: float = 80.0
+    """A100 80GB."""
+    reserve_gib: float = 8.0
+    """Kept free per GPU for the CUDA context, NCCL buffers and allocator fragmentation."""
+    peak_tflops: float = 312.0
+    """A100 dense bf16 peak, TFLOP/s per GPU."""
+    mfu_train: float = 0.40
+    """Model FLOPs utilisation of training steps (correction, distillation)."""
+    mfu_forward: float = 0.30
+    """Model FLOPs utilisation of forward-only passes (importance)."""
+    seq_length: int = 4096
+    """Tokens per sample in every stage."""
+    calib_samples: int = 1024
+    """Calibration samples for importance (1024 x 4096 tokens, as in the paper)."""
+    depth_samples: int = 128
+    """Samples of the layer-perplexity passes (one forward per skipped layer)."""
+    importance_micro_batch: int = 1
+    """Samples per forward pass during importance."""
+    train_micro_batch: int = 1
+    """Samples per forward/backward pass while training."""
+    checkpoint_io_gbps: float = 1.0
+    """Checkpoint read+write bandwidth of one process, GB/s (pruning time)."""
+    correction_tokens: float = 10e9
+    """Tokens of the teacher-correction row (time scales linearly with the budget you choose)."""
+
+
+A = Assumptions()
+
+
+def llama31_8b() -> ModelConfig:
+    return ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                       num_attention_heads=32, num_query_groups=8, kv_channels=128,
+                       vocab_size=128256, max_position_embeddings=131072, rotary_base=500000.0,
+                       tie_word_embeddings=False, normalization="RMSNorm", activation="swiglu")
+
+
+def nemotron4_15b() -> ModelConfig:
+    # Nemotron-4 uses squared-ReLU; ModelConfig has swiglu/gelu only. "gelu" is the ungated MLP
+    # with the same two matrices, so the parameter count is exact.
+    return ModelConfig(num_layers=32, hidden_size=6144, ffn_hidden_size=24576,
+                       num_attention_heads=48, num_query_groups=8, kv_channels=128,
+                       vocab_size=256000, max_position_embeddings=4096,
+                       tie_word_embeddings=False, normalization="LayerNorm", activation="gelu")
+
+
+MODELS: Dict[str, ModelConfig] = {
+    "Llama-3.1-8B": llama31_8b(),
+    "Llama-3.1-Minitron-4B-Width": llama31_8b().replace(hidden_size=3072, ffn_hidden_size=9216),
+    "Llama-3.1-Minitron-4B-Depth": llama31_8b().replace(num_layers=16),
+    "Nemotron-4-15B": nemotron4_15b(),
+    "Minitron-8B": nemotron4_15b().replace(hidden_size=4096, ffn_hidden_size=16384),
+    "Minitron-4B": nemotron4_15b().replace(hidden_size=3072, ffn_hidden_size=9216,
+                                           num_attention_heads=24),
+}
+
+
+# ----------------------------------------------------------------------------- parameters
+def parts(cfg: ModelConfig) -> Dict[str, int]:
+    """Parameters by how Megatron shards them: per layer split by TP / replicated; embedding;
+    output layer (0 when tied); final norm. Sums to ``count_parameters(cfg)["total"]``."""
+    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    fc1 = 2 * f if cfg.gated else f
+    norm = h if cfg.normalization == "RMSNorm" else 2 * h
+    column_bias = (q + 2 * kv if cfg.add_bias_linear or cfg.add_qkv_bias else 0)
+    column_bias += fc1 if cfg.add_bias_linear else 0
+    row_bias = 2 * h if cfg.add_bias_linear else 0  # proj and fc2 biases: replicated
+    result = {
+        "layer_split": h * (q + 2 * kv) + q * h + h * fc1 + f * h + column_bias,
+        "layer_replicated": 2 * norm + row_bias,
+        "embedding": cfg.vocab_size * h,
+        "output": 0 if cfg.tie_word_embeddings else cfg.vocab_size * h,
+        "final_norm": norm,
+    }
+    total = (result["embedding"] + result["output"] + result["final_norm"]
+             + cfg.num_layers * (result["layer_split"] + result["layer_replicated"]))
+    assert total == count_parameters(cfg)["total"], (total, count_parameters(cfg))
+    return result
+
+
+def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
+    """Parameters held by one rank of pipeline stage ``stage`` (0-based) at TP=tp, PP=pp."""
+    p = parts(cfg)
+    params = cfg.num_layers // pp * (p["layer_split"] // tp + p["layer_replicated"])
+    if stage == 0:
+        params += p["embedding"] // tp
+    if stage == pp - 1:
+        # a tied output layer on another stage keeps its own copy of the embedding
+        output = p["output"] or (p["embedding"] if pp > 1 else 0)
+        params += output // tp + p["final_norm"]
+    return params
+
+
+# ----------------------------------------------------------------------------- memory
+def train_activation_elements(cfg: ModelConfig, tp: int) -> int:
+    """Activation elements kept for backward, per token and layer (bf16, flash attention, no
+    recomputation, no sequence parallelism): both norms' inputs and outputs (4h, replicated over
+    TP), Q/K/V and the attention output (2q + 2kv), fc1's output and fc2's input (fc1 + f)."""
+    d = cfg.kv_channels
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    fc1 = 2 * cfg.ffn_hidden_size if cfg.gated else cfg.ffn_hidden_size
+    return 4 * cfg.hidden_size + (2 * q + 2 * kv + fc1 + cfg.ffn_hidden_size) // tp
+
+
+def forward_activation_elements(cfg: ModelConfig, tp: int) -> int:
+    """Largest live set of a no-grad forward through one layer, per token: the residual, the norm
+    output and the MLP's two intermediate tensors (or attention's Q/K/V and output if larger)."""
+    d = cfg.kv_channels
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    fc1 = 2 * cfg.ffn_hidden_size if cfg.gated else cfg.ffn_hidden_size
+    return 2 * cfg.hidden_size + max(fc1 + cfg.ffn_hidden_size, 2 * q + 2 * kv) // tp
+
+
+@dataclass
+class Memory:
+    """Bytes per rank of the worst pipeline stage, by component."""
+
+    items: List[Tuple[str, float]]
+
+    @property
+    def total(self) -> float:
+        return sum(value for _, value in self.items)
+
+    def describe(self) -> str:
+        return " + ".join(f"{name} {value / GIB:.1f}" for name, value in self.items if value)
+
+
+def importance_memory(cfg: ModelConfig, tp: int, pp: int) -> Memory:
+    """bf16 weights + one micro-batch's forward working set + the last stage's logits (bf16,
+    plus fp32 copies for the loss: 10 bytes per logits element)."""
+    tokens = A.importance_micro_batch * A.seq_length
+    worst = None
+    for stage in range(pp):
+        items = [("weights", 2.0 * stage_params(cfg, tp, pp, stage)),
+                 ("activations", 2.0 * tokens * forward_activation_elements(cfg, tp))]
+        if stage == pp - 1:
+            items.append(("logits", 10.0 * tokens * cfg.vocab_size / tp))
+        memory = Memory(items)
+        worst = memory if worst is None or memory.total > worst.total else worst
+    return worst
+
+
+def training_memory(cfg: ModelConfig, tp: int, pp: int, dp: int,
+                    teacher: Optional[ModelConfig] = None) -> Memory:
+    """Trained model: bf16 weights (2) + fp32 gradients (4) + fp32 main weights and Adam moments
+    sharded over DP by the distributed optimizer (12 / DP) bytes per parameter; activations of the
+    micro-batches 1F1B keeps in flight ((PP - stage) micro-batches of the stage's layers); on the
+    last stage the logits (student bf16, teacher bf16 and the chunked loss's extra <= 1.25 fp32
+    logits: 9 bytes per element with a teacher, 7 without). A teacher adds its frozen bf16 weights."""
+    tokens = A.train_micro_batch * A.seq_length
+    layers = cfg.num_layers // pp
+    worst = None
+    for stage in range(pp):
+        params = stage_params(cfg, tp, pp, stage)
+        items = [("weights+grads", 6.0 * params), ("optimizer", 12.0 * params / dp)]
+        if teacher is not None:
+            items.append(("teacher", 2.0 * stage_params(teacher, tp, pp, stage)))
+        in_flight = pp - stage
+        items.append(("activations",
+                      2.0 * tokens * in_flight * layers * train_activation_elements(cfg, tp)))
+        if stage == pp - 1:
+            per_element = 9.0 if teacher is not None else 7.0
+            items.append(("logits", per_element * tokens * cfg.vocab_size / tp))
+        memory = Memory(items)
+        worst = memory if worst is None or memory.total > worst.total else worst
+    return worst
+
+
+def prune_host_memory(source: ModelConfig) -> float:
+    """Streamed pruning holds about two of the largest slices (embedding or one layer), bf16."""
+    p = parts(source)
+    largest = max(p["embedding"], p["layer_split"] + p["layer_replicated"])
+    return 2 * 2.0 * largest
+
+
+# ----------------------------------------------------------------------------- layouts and time
+def candidate_layouts(cfg: ModelConfig, gpus: int, teacher: Optional[ModelConfig] = None):
+    """(TP, PP) pairs that divide the model (and teacher) and the GPU count: TP inside a node."""
+    for size in sorted({tp * pp for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8)}):
+        for pp in (1, 2, 4, 8):
+            tp = size // pp
+            if tp * pp != size or tp not in (1, 2, 4, 8) or tp > A.gpus_per_node:
+                continue
+            if gpus % size:
+                continue
+            try:
+                for model in (cfg, teacher) if teacher else (cfg,):
+                    model.check_layout(tp, pp)
+            except ValueError:
+                continue
+            yield tp, pp
+
+
+def budget_bytes() -> float:
+    return (A.gpu_memory_gib - A.reserve_gib) * GIB
+
+
+def recommend(memory_of, cfg: ModelConfig, gpus: int, teacher: Optional[ModelConfig] = None):
+    """The smallest TP x PP (then the smallest PP) whose worst rank fits the budget."""
+    for tp, pp in candidate_layouts(cfg, gpus, teacher):
+        memory = memory_of(tp, pp, gpus // (tp * pp))
+        if memory.total <= budget_bytes():
+            return tp, pp, memory
+    raise ValueError(f"no layout fits {gpus} GPUs")
+
+
+def forward_flops_per_token(cfg: ModelConfig) -> float:
+    """2 x (every matmul weight, output layer included) + causal attention (2 * s * q per layer)."""
+    p = parts(cfg)
+    matmul = cfg.num_layers * p["layer_split"] + (p["output"] or p["embedding"])
+    attention = cfg.num_layers * 2 * A.seq_length * cfg.num_attention_heads * cfg.kv_channels
+    return 2.0 * matmul + attention
+
+
+def seconds(flops: float, gpus: int, mfu: float) -> float:
+    return flops / (gpus * A.peak_tflops * 1e12 * mfu)
+
+
+def duration(value: float) -> str:
+    if value < 3600:
+        return f"{value / 60:.0f} min"
+    if value < 3 * 86400:
+        return f"{value / 3600:.1f} h"
+    return f"{value / 86400:.1f} days"
+
+
+# ----------------------------------------------------------------------------- the plans
+@dataclass
+class Row:
+    stage: str
+    models: str
+    gpus: int
+    layout: str
+    memory: str
+    total_gib: float
+    tokens: str
+    time: str
+
+
+def importance_row(name: str, gpus: int) -> Row:
+    cfg = MODELS[name]
+    tp, pp, memory = recommend(lambda tp, pp, dp: importance_memory(cfg, tp, pp), cfg, gpus)
+    passes = A.calib_samples + cfg.num_layers * A.depth_samples
+    tokens = passes * A.seq_length
+    time = seconds(tokens * forward_flops_per_token(cfg), gpus, A.mfu_forward)
+    return Row("importance", name, gpus, f"{tp}×{pp}×{gpus // (tp * pp)}", memory.describe(),
+               memory.total / GIB, f"{tokens / 1e6:.0f}M fwd", duration(time))
+
+
+def prune_row(source: str, target: str) -> Row:
+    src, dst = MODELS[source], MODELS[target]
+    host = prune_host_memory(src)
+    moved = 2.0 * (count_parameters(src)["total"] + count_parameters(dst)["total"])
+    time = 2 * moved / (A.checkpoint_io_gbps * 1e9)
+    return Row("prune", f"{source} → {target}", 1, "1 process", "host RAM (2 largest slices)",
+               host / GIB, "-", duration(time))
+
+
+def training_row(stage: str, student: str, teacher: Optional[str], gpus: int,
+                 tokens: float) -> Row:
+    cfg = MODELS[student]
+    tcfg = MODELS[teacher] if teacher else None
+    tp, pp, memory = recommend(lambda tp, pp, dp: training_memory(cfg, tp, pp, dp, tcfg), cfg,
+                               gpus, tcfg)
+    flops = 3 * forward_flops_per_token(cfg) + (forward_flops_per_token(tcfg) if tcfg else 0)
+    time = seconds(tokens * flops, gpus, A.mfu_train)
+    models = f"{student} ← {teacher}" if teacher else student
+    return Row(stage, models, gpus, f"{tp}×{pp}×{gpus // (tp * pp)}", memory.describe(),
+               memory.total / GIB, f"{tokens / 1e9:.0f}B", duration(time))
+
+
+def plans() -> Dict[str, List[Row]]:
+    node, big = A.gpus_per_node, 16 * A.gpus_per_node
+    return {
+        "Llama-3.1-8B → 4B (width and depth), one DGX A100 node (8 GPUs)": [
+            training_row("correct-teacher", "Llama-3.1-8B", None, node, A.correction_tokens),
+            importance_row("Llama-3.1-8B", node),
+            prune_row("Llama-3.1-8B", "Llama-3.1-Minitron-4B-Width"),
+            prune_row("Llama-3.1-8B", "Llama-3.1-Minitron-4B-Depth"),
+            training_row("distill", "Llama-3.1-Minitron-4B-Width", "Llama-3.1-8B", node, 100e9),
+            training_row("distill", "Llama-3.1-Minitron-4B-Depth", "Llama-3.1-8B", node, 100e9),
+        ],
+        "Nemotron-4 15B → 8B → 4B, 16 DGX A100 nodes (128 GPUs)": [
+            training_row("correct-teacher", "Nemotron-4-15B", None, big, A.correction_tokens),
+            importance_row("Nemotron-4-15B", node),
+            prune_row("Nemotron-4-15B", "Minitron-8B"),
+            training_row("distill", "Minitron-8B", "Nemotron-4-15B", big, 94e9),
+            importance_row("Minitron-8B", node),
+            prune_row("Minitron-8B", "Minitron-4B"),
+            training_row("distill", "Minitron-4B", "Nemotron-4-15B", big, 94e9),
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------- the document
+def _models_table() -> List[str]:
+    lines = ["| model | layers | hidden | heads | query groups | head dim | MLP | MLP type | vocab "
+             "| parameters | embedding + output | non-embedding |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+    for name, cfg in MODELS.items():
+        counts = count_parameters(cfg)
+        mlp = "SwiGLU" if cfg.gated else "squared-ReLU (counted as gelu)"
+        lines.append(
+            f"| {name} | {cfg.num_layers} | {cfg.hidden_size} | {cfg.num_attention_heads} "
+            f"| {cfg.num_query_groups} | {cfg.kv_channels} | {cfg.ffn_hidden_size} | {mlp} "
+            f"| {cfg.vocab_size} | {counts['total']:,} ({counts['total'] / 1e9:.2f}B) "
+            f"| {counts['embedding']:,} | {counts['non_embedding']:,} |")
+    return lines
+
+
+def _plan_table(rows: List[Row]) -> List[str]:
+    lines = ["| stage | model(s) | GPUs | TP×PP×DP | memory per rank, GiB | total GiB | tokens "
+             "| time |",
+             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: |"]
+    for row in rows:
+        lines.append(f"| {row.stage} | {row.models} | {row.gpus} | {row.layout} | {row.memory} "
+                     f"| {row.total_gib:.1f} | {row.tokens} | {row.time} |")
+    return lines
+
+
+def _scaled_llama_days() -> float:
+    """Days of the Llama width distillation on 16 nodes (time is FLOPs / throughput)."""
+    cfg, teacher = MODELS["Llama-3.1-Minitron-4B-Width"], MODELS["Llama-3.1-8B"]
+    flops = 3 * forward_flops_per_token(cfg) + forward_flops_per_token(teacher)
+    return seconds(100e9 * flops, 16 * A.gpus_per_node, A.mfu_train) / 86400
+
+
+def generate() -> str:
+    out = [
+        "# Scaling plan: Llama-3.1-8B → 4B and Nemotron-4 15B → 8B → 4B on DGX A100 80GB",
+        "",
+        "Generated by `python scripts/scaling_plan.py` from exact parameter counts "
+        "(`megatron_minitron.config.count_parameters`); `python scripts/scaling_plan.py --check` "
+        "tells whether this file is up to date. Do not edit it by hand.",
+        "",
+        "**No GPU measurement is behind these figures.** Memory is computed from the sharding "
+        "of every parameter and the activation formulas below; time is FLOPs divided by an "
+        "assumed throughput. Measure one step on your cluster and scale the times by the ratio.",
+        "",
+        "## Assumptions",
+        "",
+        f"- DGX A100 80GB nodes: {A.gpus_per_node} GPUs per node, {A.gpu_memory_gib:.0f} GiB "
+        f"each, of which {A.reserve_gib:.0f} GiB are kept free (CUDA context, NCCL buffers, "
+        f"fragmentation): a layout fits when its worst rank needs ≤ "
+        f"{A.gpu_memory_gib - A.reserve_gib:.0f} GiB. TP stays inside a node.",
+        f"- Throughput: A100 dense bf16 peak {A.peak_tflops:.0f} TFLOP/s per GPU at an assumed "
+        f"model FLOPs utilisation of {A.mfu_train:.0%} for training steps and "
+        f"{A.mfu_forward:.0%} for forward-only passes (importance). Times scale as 1/MFU.",
+        f"- Token budgets: 94B tokens per distillation of the Nemotron-4 chain (the Minitron "
+        f"paper's budget), 100B for Llama-3.1-8B → 4B (a planning figure close to what the "
+        f"Llama-3.1-Minitron report used). The teacher-correction rows show "
+        f"{A.correction_tokens / 1e9:.0f}B tokens; the time scales linearly with the budget.",
+        f"- Sequence length {A.seq_length} everywhere; training micro-batch "
+        f"{A.train_micro_batch}; importance: {A.calib_samples} calibration samples × "
+        f"{A.seq_length} tokens in micro-batches of {A.importance_micro_batch}, plus one "
+        f"forward over {A.depth_samples} samples per layer for the layer-perplexity metric "
+        f"(`--depth-samples {A.depth_samples}`).",
+        "- bf16 weights on GPU; fp32 gradients (`grad_reduce_in_fp32`) and mcore's distributed "
+        "optimizer (fp32 main weights and Adam moments sharded over DP); no activation "
+        "recomputation, no sequence parallelism, flash attention (no s² scores).",
+        f"- Nemotron-4 uses squared-ReLU, which `ModelConfig` does not offer yet (swiglu, gelu). "
+        f"Its MLP has the same two matrices as our ungated `gelu` MLP, so the counts below are "
+        f"exact; running these models needs the activation added first.",
+        f"- Checkpoints are bf16; streamed pruning reads and writes them at "
+        f"{A.checkpoint_io_gbps:.0f} GB/s and takes at most twice a plain streamed copy "
+        f"(the bound `bench/prune.py` checks).",
+        "",
+        "## Models (exact parameter counts)",
+        "",
+        *_models_table(),
+        "",
+        "Minitron widths keep the head dimension at 128, so attention width (heads × 128) can "
+        "differ from the hidden size.",
+        "",
+    ]
+    for title, rows in plans().items():
+        out += [f"## {title}", "", *_plan_table(rows), ""]
+    out += [
+        "The layout is the smallest TP×PP (then the smallest PP) whose worst rank fits; DP is "
+        "the rest of the GPUs. Teacher and student share TP and PP (co-located teacher). "
+        "Importance and pruning need one node even in the 16-node plan (importance takes "
+        "minutes there; pruning runs on the host). Training time divides by the number of "
+        "nodes at the same TP×PP: on one node the Llama distillations take weeks, on 16 nodes "
+        f"{_scaled_llama_days():.1f} days each (width student). Search (not planned here) "
+        "costs its number of candidates × the retraining tokens at the distillation rate.",
+        "",
+        "## How the numbers are computed",
+        "",
+        "- **Parameters per rank**: each layer's QKV, output projection, fc1 and fc2 are split "
+        "by TP, its norms replicated; a PP stage holds layers/PP layers; the first stage adds "
+        "the embedding/TP, the last the output layer/TP and the final norm. The sum over all "
+        "ranks equals `count_parameters` (checked by `tests/test_scaling.py`).",
+        "- **Importance** = 2 bytes × parameters + one micro-batch's forward working set "
+        "(2 bytes × tokens × (2·hidden + max(fc1 + ffn, 2·q + 2·kv)/TP)) + on the last stage "
+        "the logits (10 bytes × tokens × vocab/TP: bf16 and two fp32 copies for the loss). "
+        "Time: forward FLOPs of (samples + layers × depth samples) × sequence tokens.",
+        "- **Prune** runs in one process on the host: about two of the largest slices "
+        "(embedding table or one layer) in bf16; time = 2 × (read source + write target) / "
+        "bandwidth.",
+        "- **Training** (correction and distillation) = (2 bf16 weights + 4 fp32 gradients + "
+        "12/DP optimizer) bytes × parameters + frozen teacher 2 bytes × its parameters + "
+        "activations 2 bytes × tokens × (4·hidden + (2·q + 2·kv + fc1 + ffn)/TP) per layer for "
+        "the (PP − stage) micro-batches 1F1B keeps in flight + on the last stage the logits "
+        "(9 bytes × tokens × vocab/TP with a teacher: student and teacher bf16 logits and the "
+        "chunked KL's ≤ 1.25 fp32 logits; 7 without). The worst stage is reported.",
+        "- **FLOPs per token** (forward) = 2 × matmul parameters (all layers and the output "
+        "layer) + causal attention 2 × sequence × heads × head dim per layer; a training step "
+        "is 3 × forward for the student plus 1 × forward for the teacher.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", default=DOC, help="where to write (default docs/SCALING.md)")
+    parser.add_argument("--check", action="store_true",
+                        help="compare with --output instead of writing; exit 1 when it differs")
+    args = parser.parse_args(argv)
+    text = generate()
+    if args.check:
+        current = open(args.output).read() if os.path.exists(args.output) else ""
+        if current != text:
+            print(f"{args.output} is out of date: run python scripts/scaling_plan.py",
+                  file=sys.stderr)
+            return 1
+        print(f"{args.output} is up to date")
+        return 0
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as handle:
+        handle.write(text)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
