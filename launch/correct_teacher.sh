@@ -3,12 +3,12 @@
 #
 #   NGPU=8 TP=4 LOAD=ckpt/llama8b OUTPUT=runs/llama8b_corrected \
 #     DATA_PREFIX=data/train_text_document bash launch/correct_teacher.sh --seq-length 4096 \
-#     --train-tokens 100e9 --global-batch-size 1152
+#     --train-tokens 100000000000 --global-batch-size 1152
 # runs
 #   torchrun --standalone --nnodes 1 --nproc-per-node 8 -m megatron_minitron correct-teacher \
 #     --tensor-model-parallel-size 4 --pipeline-model-parallel-size 1 --load ckpt/llama8b \
 #     --output runs/llama8b_corrected --data-prefix data/train_text_document --seq-length 4096 \
-#     --train-tokens 100e9 --global-batch-size 1152
+#     --train-tokens 100000000000 --global-batch-size 1152
 #
 # Environment: LOAD (--load, the teacher), OUTPUT (--output, the run directory),
 # DATA_PREFIX (--data-prefix; blend split at blanks), TEXT_FILE (--text-file), CONFIG (--config).

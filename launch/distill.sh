@@ -3,12 +3,12 @@
 #
 #   NGPU=8 TP=4 PP=1 STUDENT=ckpt/llama4b_width TEACHER=ckpt/llama8b OUTPUT=runs/distill_4b \
 #     DATA_PREFIX=data/train_text_document bash launch/distill.sh --seq-length 4096 \
-#     --train-tokens 100e9 --global-batch-size 1152 --micro-batch-size 1
+#     --train-tokens 100000000000 --global-batch-size 1152 --micro-batch-size 1
 # runs
 #   torchrun --standalone --nnodes 1 --nproc-per-node 8 -m megatron_minitron distill \
 #     --tensor-model-parallel-size 4 --pipeline-model-parallel-size 1 \
 #     --student ckpt/llama4b_width --teacher ckpt/llama8b --output runs/distill_4b \
-#     --data-prefix data/train_text_document --seq-length 4096 --train-tokens 100e9 \
+#     --data-prefix data/train_text_document --seq-length 4096 --train-tokens 100000000000 \
 #     --global-batch-size 1152 --micro-batch-size 1
 #
 # Environment: STUDENT (--student), TEACHER (--teacher), OUTPUT (--output, the run

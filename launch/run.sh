@@ -2,11 +2,11 @@
 # The whole recipe (teacher correction, importance, search or prune, distill, eval) from one YAML
 # file; each stage runs on all the processes launched here and takes its layout from the recipe.
 #
-#   NNODES=2 NGPU=8 MASTER_ADDR=node001 RECIPE=examples/llama31_8b/recipe_width.yaml bash \
+#   NNODES=2 NGPU=8 MASTER_ADDR=node001 RECIPE=examples/llama31_8b/recipe.yaml bash \
 #     launch/run.sh
 # runs
 #   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint node001:29500 \
-#     --rdzv-id minitron -m megatron_minitron run examples/llama31_8b/recipe_width.yaml
+#     --rdzv-id minitron -m megatron_minitron run examples/llama31_8b/recipe.yaml
 #
 # Environment: RECIPE (the recipe YAML, first argument of `minitron run`). No layout
 # flags are added: TP and PP only enter the world-size check.

@@ -3,12 +3,13 @@
 #
 #   NGPU=8 TP=4 LOAD=ckpt/llama8b SCORES=ckpt/llama8b_scores.pt PARAMS=4.5B \
 #     SPACE=examples/llama31_8b/search_space.yaml OUTPUT=runs/search bash launch/search.sh \
-#     --retrain-tokens 1e9
+#     --retrain-tokens 1000000000
 # runs
 #   torchrun --standalone --nnodes 1 --nproc-per-node 8 -m megatron_minitron search \
 #     --tensor-model-parallel-size 4 --pipeline-model-parallel-size 1 --load ckpt/llama8b \
 #     --scores ckpt/llama8b_scores.pt --params 4.5B \
-#     --space examples/llama31_8b/search_space.yaml --output runs/search --retrain-tokens 1e9
+#     --space examples/llama31_8b/search_space.yaml --output runs/search \
+#     --retrain-tokens 1000000000
 #
 # Environment: LOAD (--load), SCORES (--scores), PARAMS (--params, e.g. 4.5B),
 # SPACE (--space, a search-space YAML), OUTPUT (--output), DATA_PREFIX (--data-prefix, blend split

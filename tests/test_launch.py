@@ -262,7 +262,7 @@ SLURM_MULTI = dict(SLURM_JOB_NODELIST="dgx-a[07-09],dgx-b01", SLURM_JOB_NUM_NODE
 
 
 def test_slurm_multi_node_distill():
-    result = run_script(LAUNCH / "slurm" / "distill.sbatch", "--train-tokens", "94e9",
+    result = run_script(LAUNCH / "slurm" / "distill.sbatch", "--train-tokens", "94000000000",
                         **SLURM_MULTI)
     first = result.stdout.splitlines()[0]
     assert first == ("# nodes (4): dgx-a07 dgx-a08 dgx-a09 dgx-b01; "
@@ -270,7 +270,7 @@ def test_slurm_multi_node_distill():
     srun, torchrun = commands(result.stdout)
     script = srun.index("bash")
     assert srun[0] == "srun" and srun[script + 1] == f"{ROOT}/launch/distill.sh"
-    assert srun[script + 2:] == ["--train-tokens", "94e9"]
+    assert srun[script + 2:] == ["--train-tokens", "94000000000"]
     options = srun[1:srun.index("env")]
     assert {"--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
             "--container-image=nvcr.io#nvidia/pytorch:25.09-py3",
@@ -285,10 +285,10 @@ def test_slurm_multi_node_distill():
     assert option(launcher, "--rdzv-endpoint") == "dgx-a07:29500"
     assert option(launcher, "--rdzv-id") == "77"
     assert args == [LAYOUT[0], "4", LAYOUT[1], "2", "--student", "/c/p", "--teacher", "/c/t",
-                    "--train-tokens", "94e9"]
+                    "--train-tokens", "94000000000"]
     # every node runs the srun task with its own SLURM_NODEID and joins the same rendezvous
     for node in range(4):
-        assert dry(ROOT / "launch" / "distill.sh", "--train-tokens", "94e9", SLURM_NODEID=node,
+        assert dry(ROOT / "launch" / "distill.sh", "--train-tokens", "94000000000", SLURM_NODEID=node,
                    **assignments) == torchrun
 
 
