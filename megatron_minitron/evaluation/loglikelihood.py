@@ -172,8 +172,9 @@ class _Progress:
 def _same_shape_runs(batches: List[Dict[str, torch.Tensor]]) -> List[Tuple[int, int]]:
     """[start, end) ranges of consecutive micro-batches sharing one shape."""
     runs, start = [], 0
+    shapes = [batch["tokens"].shape for batch in batches]
     for index in range(1, len(batches) + 1):
-        if index == len(batches) or batches[index]["tokens"].shape != batches[start]["tokens"].shape:
+        if index == len(batches) or shapes[index] != shapes[start]:
             runs.append((start, index))
             start = index
     return runs

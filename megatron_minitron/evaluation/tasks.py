@@ -27,7 +27,9 @@ lambada        test (5,153), oe_eval      the passage minus its last word   acc 
                (LAMBADA-OpenAI)
 ============== ========================== ================================= ====================
 
-HellaSwag's ``preprocess`` strips the text, turns `` [title]`` into ``. ``, drops other
+Prompts are lm-eval-harness's (OLMES, whose request files ship with the sets, writes PIQA's
+prompt as ``Goal: ...``; its HellaSwag and Winogrande strings equal ours). HellaSwag's
+``preprocess`` strips the text, turns `` [title]`` into ``. ``, drops other
 ``[...]`` tags and collapses double spaces. ARC's test split is read from the ``doc`` records of
 the 5-shot request file (only the question and choices are used, not its few-shot prompt).
 
