@@ -337,7 +337,7 @@ def test_slurm_bad_settings(env, message):
 
 
 def shell_scripts():
-    return (sorted(LAUNCH.rglob("*.sh")) + SBATCH + sorted((ROOT / "examples").glob("*.sh")))
+    return (sorted(LAUNCH.rglob("*.sh")) + SBATCH + sorted((ROOT / "examples").rglob("*.sh")))
 
 
 def test_shellcheck():
@@ -347,7 +347,177 @@ def test_shellcheck():
             pytest.fail("shellcheck is not installed (apt-get install shellcheck)")
         pytest.skip("shellcheck is not installed")
     scripts = [str(path.relative_to(ROOT)) for path in shell_scripts()]
-    assert len(scripts) >= 17
+    assert len(scripts) >= 19
     result = subprocess.run([shellcheck, "-x", *scripts], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- examples
+EXAMPLES = ROOT / "examples"
+RECIPES = sorted(EXAMPLES.rglob("*recipe.yaml")) + [EXAMPLES / "smollm2_cpu.yaml"]
+COMMAND_OF = {"teacher_correction": "correct-teacher", "importance": "importance",
+              "prune": "prune", "search": "search", "distill": "distill", "eval": "eval"}
+# what "@NAME" means for each stage (examples/README.md)
+OUTPUT_OF = {"teacher_correction": ("{}", "{}/final"), "distill": ("{}", "{}/final"),
+             "importance": ("{}.pt", "{}.pt"), "prune": ("{}", "{}"), "search": ("{}", "{}"),
+             "eval": ("{}.json", "{}.json")}
+
+
+def cli_parser(command):
+    """The argparse subparser of ``minitron COMMAND`` (None when the command does not exist)."""
+    from megatron_minitron import cli
+
+    if command not in cli.COMMANDS:
+        return None
+    parser = cli.build_parser(only=command)
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return subparsers.choices[command]
+
+
+def long_flags(parser):
+    return {flag for action in parser._actions for flag in action.option_strings}
+
+
+def recipe_argvs(recipe):
+    """(stage, name, argv) per step, following the schema in examples/README.md."""
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    outputs = {"teacher": data["teacher"]}
+    found = []
+    for step in data["steps"]:
+        step = dict(step)
+        stage = step.pop("stage")
+        name = step.pop("name", stage)
+        assert name not in outputs, f"step name {name} is not unique"
+        parser = cli_parser(COMMAND_OF[stage])
+        flags = long_flags(parser) if parser else set()
+        merged = {key: value for key, value in data.get("common", {}).items()
+                  if parser is None or f"--{key.replace('_', '-')}" in flags}
+        merged.update(step)
+        output, reference = OUTPUT_OF[stage]
+        out_path = os.path.join(data["workdir"], output.format(name))
+        merged["json" if stage == "eval" else "output"] = out_path
+        argv = []
+        for key, value in merged.items():
+            flag = f"--{key.replace('_', '-')}"
+            if isinstance(value, str) and value.startswith("@"):
+                assert value[1:] in outputs, f"{name}: {value} is not an earlier step"
+                value = outputs[value[1:]]
+            if value is None:
+                continue
+            if value is True:
+                argv.append(flag)
+            elif value is False:
+                argv.append(f"--no-{key.replace('_', '-')}")
+            elif isinstance(value, dict):
+                argv += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
+            elif isinstance(value, list):
+                argv += [flag, *(os.path.expanduser(str(item)) for item in value)]
+            else:
+                argv += [flag, os.path.expanduser(str(value))]
+        outputs[name] = os.path.join(data["workdir"], reference.format(name))
+        found.append((stage, name, argv))
+    return data, found
+
+
+def parse_cli(command, argv):
+    parser = cli_parser(command)
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        pytest.fail(f"minitron {command} rejects {argv}")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(EXAMPLES)))
+def test_recipe_steps_are_valid_cli_calls(recipe):
+    data, steps = recipe_argvs(recipe)
+    assert {"name", "workdir", "teacher", "steps"} <= set(data)
+    assert [stage for stage, _, _ in steps][-1] == "eval"
+    for stage, name, argv in steps:
+        if cli_parser(COMMAND_OF[stage]) is None:  # commands still being written: search, run
+            continue
+        args = parse_cli(COMMAND_OF[stage], argv)
+        if stage in ("distill", "teacher_correction"):
+            assert args.train_tokens > 0 and args.resume in (None, "auto")
+
+
+def _apply_target(cfg, argv):
+    target = argv[argv.index("--target") + 1]
+    changes = {key: int(value) for key, value in (item.split("=") for item in target.split(","))}
+    return cfg.replace(**changes)
+
+
+def test_recipes_reach_the_papers_architectures():
+    from test_scaling import plan
+
+    models = plan.MODELS
+    _, llama = recipe_argvs(EXAMPLES / "llama31_8b" / "recipe.yaml")
+    prunes = {name: argv for stage, name, argv in llama if stage == "prune"}
+    assert _apply_target(models["Llama-3.1-8B"], prunes["prune_width"]) == \
+        models["Llama-3.1-Minitron-4B-Width"]
+    assert _apply_target(models["Llama-3.1-8B"], prunes["prune_depth"]) == \
+        models["Llama-3.1-Minitron-4B-Depth"]
+    _, nemotron = recipe_argvs(EXAMPLES / "nemotron4_15b" / "recipe.yaml")
+    steps = {name: argv for _, name, argv in nemotron}
+    eight = _apply_target(models["Nemotron-4-15B"], steps["prune_8b"])
+    assert eight == models["Minitron-8B"]
+    assert _apply_target(eight, steps["prune_4b"]) == models["Minitron-4B"]
+    assert steps["prune_4b"][steps["prune_4b"].index("--load") + 1].endswith("distill_8b/final")
+    for name in ("distill_8b", "distill_4b"):  # both from the corrected 15B teacher, 94B tokens
+        argv = steps[name]
+        assert argv[argv.index("--teacher") + 1].endswith("teacher_correction/final")
+        assert argv[argv.index("--train-tokens") + 1] == "94000000000"
+
+
+def _torchrun_stage_args(printed):
+    launcher, stage, args = split_torchrun(printed)
+    return option(launcher, "--nproc-per-node"), stage, args
+
+
+def test_llama_example_dry_run():
+    printed = commands(run_script(EXAMPLES / "llama31_8b" / "run.sh").stdout)
+    singles = [p for p in printed if p[0] == "minitron"]
+    assert [p[1] for p in singles] == ["import-hf", "preprocess-data", "preprocess-data"]
+    launched = [_torchrun_stage_args(p) for p in printed if p[0] == "torchrun"]
+    assert [(n, s) for n, s, _ in launched] == [
+        ("8", "correct-teacher"), ("8", "importance"), ("1", "prune"), ("1", "prune"),
+        ("8", "distill"), ("8", "distill"), ("8", "eval"), ("8", "eval"), ("8", "eval")]
+    for nproc, stage, args in launched:
+        parsed = parse_cli(stage, args)
+        expected_tp = 2 if stage == "correct-teacher" else 1  # docs/SCALING.md, one node
+        assert parsed.tp == expected_tp and parsed.pp == 1
+    targets = [option(args, "--target") for _, stage, args in launched if stage == "prune"]
+    assert targets == ["hidden_size=3072,ffn_hidden_size=9216,num_attention_heads=32,"
+                       "num_query_groups=8", "num_layers=16"]
+    skipped = run_script(EXAMPLES / "llama31_8b" / "run.sh", CORRECTION_TOKENS=0).stdout
+    assert "correct-teacher" not in skipped and "--teacher runs/llama31_8b/teacher " in skipped
+
+
+def test_nemotron_example_dry_run_chains_sbatch_jobs():
+    printed = commands(run_script(EXAMPLES / "nemotron4_15b" / "run.sh", SEGMENTS=2).stdout)
+    assert len(printed) == 12  # 2 correction + 2 x (importance, prune, 2 distill) + 2 eval
+    scripts = []
+    for index, words in enumerate(printed):
+        assert words[0] == "env"
+        sbatch = words.index("sbatch")
+        assignments = dict(word.split("=", 1) for word in words[1:sbatch])
+        options = [w for w in words[sbatch + 1:] if w.startswith("--")]
+        script = next(w for w in words if w.startswith("launch/slurm/"))
+        scripts.append(Path(script).stem)
+        nodes = int(next(o for o in options if o.startswith("--nodes=")).split("=")[1])
+        assert nodes == (16 if scripts[-1] in ("correct_teacher", "distill") else 1)
+        if index:
+            dependency = next(o for o in options if o.startswith("--dependency="))
+            resume = scripts[-1] == scripts[-2] and scripts[-1] in ("correct_teacher", "distill")
+            assert dependency == f"--dependency={'afterany' if resume else 'afterok'}:JOB{index}"
+        # what node 0 would run for this job, parsed by the real CLI
+        stage_args = words[words.index(script) + 1:]
+        env = dict(assignments, SLURM_JOB_NODELIST=f"dgx[001-{nodes:03d}]", SLURM_JOB_ID=index)
+        srun, torchrun = commands(run_script(ROOT / script, *stage_args, **env).stdout)
+        _, stage, args = split_torchrun(torchrun)
+        assert option(split_torchrun(torchrun)[0], "--nnodes") == str(nodes)
+        parse_cli(stage, args)
+    assert scripts == ["correct_teacher", "correct_teacher", "importance", "prune", "distill",
+                       "distill", "importance", "prune", "distill", "distill", "eval", "eval"]
