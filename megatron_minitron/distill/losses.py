@@ -39,7 +39,8 @@ import torch.distributed as dist
 LOGIT_LOSSES = ("kl", "rkl", "mse", "cosine", "topk_kl")
 INTERMEDIATE_LOSSES = ("cosine", "mse")
 _AUTO_CHUNKS = 32  # chunk temporaries stay well under a quarter of one logits tensor
-_MIN_CHUNK_ELEMENTS = 1 << 20  # below this, more chunks only add all-reduces
+_MIN_CHUNK_ELEMENTS = 1 << 16  # below this, more chunks only add per-op overhead
+_MAX_CHUNK_ELEMENTS = 1 << 18  # above this (1 MB in fp32), the temporaries fall out of cache
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class LogitLossSpec:
     topk: int = 64
     """Teacher logits kept by ``topk_kl``."""
     chunk_tokens: Optional[int] = None
-    """Sequence positions per chunk; None picks about 1/32 of the logits (at least 2^20 values)."""
+    """Sequence positions per chunk; None picks about 1/32 of the logits, at most 2^18 values."""
 
     def __post_init__(self):
         if self.kind not in LOGIT_LOSSES:
@@ -103,52 +104,38 @@ def _vocab_start(local_vocab: int, group) -> int:
 
 
 def _chunk_rows(logits: torch.Tensor, spec: LogitLossSpec) -> int:
+    """Sequence positions per chunk: the spec's, else about 1/32 of the logits, at most
+    ``_MAX_CHUNK_ELEMENTS`` (the chunk's temporaries stay in cache) and at least one row."""
     rows = logits.shape[0]
     if spec.chunk_tokens is not None:
         return min(rows, spec.chunk_tokens)
     per_row = max(1, logits[0].numel())
-    budget = max(logits.numel() // _AUTO_CHUNKS, _MIN_CHUNK_ELEMENTS)
+    budget = min(max(logits.numel() // _AUTO_CHUNKS, _MIN_CHUNK_ELEMENTS), _MAX_CHUNK_ELEMENTS)
     return max(1, min(rows, budget // per_row))
 
 
 class _Chunk:
-    """Per-chunk state: fp32 logits, masks and, for the CE term, the target ids."""
+    """One chunk of positions: fp32 logits, loss mask, labels, and where its gradient goes."""
 
-    def __init__(self, student, teacher, labels, mask, vocab_start, spec):
+    def __init__(self, student, teacher, labels, mask, vocab_start, spec, out):
         self.s = student.float()  # [c, b, v/tp]; a view when already fp32: never written
         self.t = None if teacher is None else teacher.float()
         self.mask = mask.to(torch.float32)  # [c, b]
         self.labels = labels
         self.vocab_start = vocab_start
         self.spec = spec
+        self.out = out  # [c, b, v/tp] gradient destination (may alias the teacher), or None
+        self.written = False  # whether ``out`` holds a gradient term yet
+        self.lse_student = None  # log-sum-exp of the student logits when a KL found it (T = 1)
 
-
-def _softmax_stats(logits: torch.Tensor, group):
-    """exp(z - max) [c, b, v/tp] and the vocab-global max [c, b]."""
-    row_max = logits.amax(dim=-1)
-    _all_reduce(row_max, group, dist.ReduceOp.MAX)
-    return torch.sub(logits, row_max.unsqueeze(-1)).exp_(), row_max
-
-
-def _target_logits(chunk: _Chunk, logits: torch.Tensor) -> torch.Tensor:
-    """This rank's share of z[label] (0 where another rank owns the label): [c, b]."""
-    local = chunk.labels - chunk.vocab_start
-    owned = (local >= 0) & (local < logits.shape[-1])
-    picked = torch.gather(logits, -1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1))
-    return picked.squeeze(-1) * owned
-
-
-def _add_onehot(grad: torch.Tensor, chunk: _Chunk, scale: float) -> None:
-    """grad[label] -= scale on the rank owning each label."""
-    local = chunk.labels - chunk.vocab_start
-    owned = (local >= 0) & (local < grad.shape[-1])
-    values = -scale * owned.to(grad.dtype)
-    grad.scatter_add_(-1, local.clamp(0, grad.shape[-1] - 1).unsqueeze(-1), values.unsqueeze(-1))
-
-
-# ----------------------------------------------------------------------------- KD terms
-# Each returns (per-token loss [c, b], kd_weight times the gradient of the per-token loss w.r.t.
-# the student logits [c, b, v/tp], or None) and reuses its temporaries for the gradient.
+    def emit(self, values: torch.Tensor, row_scale: torch.Tensor) -> None:
+        """out (+)= values * row_scale[..., None], with the loss mask folded into the scale."""
+        scale = (row_scale * self.mask).unsqueeze(-1)
+        if self.written:
+            self.out.addcmul_(values, scale)
+        else:
+            torch.mul(values, scale, out=self.out)
+            self.written = True
 
 
 def _vecdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -159,21 +146,46 @@ def _shifted_exp(x: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     return torch.sub(x, row_max.unsqueeze(-1)).exp_()
 
 
-def _kl(chunk: _Chunk, group, need_grad: bool, reverse: bool, ce_share: float):
+def _global_max(x: torch.Tensor, group) -> torch.Tensor:
+    return _all_reduce(x.amax(dim=-1), group, dist.ReduceOp.MAX)
+
+
+def _target_logits(chunk: _Chunk, logits: torch.Tensor) -> torch.Tensor:
+    """This rank's share of z[label] (0 where another rank owns the label): [c, b]."""
+    local = chunk.labels - chunk.vocab_start
+    owned = (local >= 0) & (local < logits.shape[-1])
+    picked = torch.gather(logits, -1, local.clamp(0, logits.shape[-1] - 1).unsqueeze(-1))
+    return picked.squeeze(-1) * owned
+
+
+def _subtract_onehot(chunk: _Chunk, weight: float) -> None:
+    """out[label] -= weight (masked) on the rank owning each label."""
+    out = chunk.out
+    local = chunk.labels - chunk.vocab_start
+    owned = (local >= 0) & (local < out.shape[-1])
+    values = (-weight * chunk.mask * owned).to(out.dtype)
+    out.scatter_add_(-1, local.clamp(0, out.shape[-1] - 1).unsqueeze(-1), values.unsqueeze(-1))
+
+
+# ----------------------------------------------------------------------------- KD terms
+# Each returns the per-token loss [c, b] and, when the chunk has an ``out``, writes kd_weight
+# times the gradient of the per-token loss w.r.t. the student logits into it.
+
+
+def _kl(chunk: _Chunk, group, reverse: bool, ce_share: float):
     """``ce_share``: weight of a cross-entropy term folded in (temperature 1): its softmax part
     ``ce_share * p_s`` is added to the gradient here, leaving only the one-hot part."""
     spec = chunk.spec
     temp = spec.temperature
     s = chunk.s if temp == 1.0 else chunk.s / temp
     t = chunk.t if temp == 1.0 else chunk.t / temp
-    row_max = torch.stack([s.amax(dim=-1), t.amax(dim=-1)])  # [2, c, b]
-    _all_reduce(row_max, group, dist.ReduceOp.MAX)
+    row_max = _all_reduce(torch.stack([s.amax(dim=-1), t.amax(dim=-1)]), group,
+                          dist.ReduceOp.MAX)  # [2, c, b]
     exp_s = _shifted_exp(s, row_max[0])
     exp_t = _shifted_exp(t, row_max[1])
     diff = torch.sub(s, t)  # [c, b, v/tp]
-    sums = torch.stack([exp_s.sum(-1), exp_t.sum(-1),
-                        _vecdot(diff, exp_s if reverse else exp_t)])  # [3, c, b]
-    _all_reduce(sums, group)
+    sums = _all_reduce(torch.stack([exp_s.sum(-1), exp_t.sum(-1),
+                                    _vecdot(diff, exp_s if reverse else exp_t)]), group)
     lse_s = row_max[0] + torch.log(sums[0])
     lse_t = row_max[1] + torch.log(sums[1])
     if reverse:  # sum p_s (s - t) - lse_s + lse_t
@@ -182,43 +194,43 @@ def _kl(chunk: _Chunk, group, need_grad: bool, reverse: bool, ce_share: float):
     else:  # sum p_t (t - s) - lse_t + lse_s
         del diff
         loss = -sums[2] / sums[1] - lse_t + lse_s
-    loss = loss * (temp * temp)
-    chunk.lse_student = lse_s if temp == 1.0 else None
-    if not need_grad:
-        return loss, None
-    scale = spec.kd_weight * temp  # d/dz = (1/T) d/ds, times the T^2 of the loss
-    probs_s = exp_s.div_(sums[0].unsqueeze(-1))
-    if reverse:  # d/ds = p_s * ((s - t) - mean(s - t))
-        factor = diff.sub_(mean_diff.unsqueeze(-1)).mul_(scale).add_(ce_share)
-        return loss, probs_s.mul_(factor)
-    probs_t = exp_t.div_(sums[1].unsqueeze(-1))  # d/ds = p_s - p_t
-    return loss, probs_s.mul_(scale + ce_share).sub_(probs_t.mul_(scale))
+    if temp == 1.0:
+        chunk.lse_student = lse_s
+    if chunk.out is not None:
+        scale = spec.kd_weight * temp  # d/dz = (1/T) d/ds, times the T^2 of the loss
+        if reverse:  # d/ds = p_s * ((s - t) - mean(s - t))
+            factor = diff.sub_(mean_diff.unsqueeze(-1)).mul_(scale).add_(ce_share)
+            chunk.emit(exp_s.mul_(factor), 1.0 / sums[0])
+        else:  # d/ds = p_s - p_t
+            chunk.emit(exp_s, (scale + ce_share) / sums[0])
+            chunk.emit(exp_t, -scale / sums[1])
+    return loss * (temp * temp)
 
 
-def _mse(chunk: _Chunk, group, need_grad: bool):
+def _mse(chunk: _Chunk, group):
     diff = torch.sub(chunk.s, chunk.t)
     vocab = diff.shape[-1] * _group_size(group)
     loss = _all_reduce(_vecdot(diff, diff), group) / vocab
-    return loss, (diff.mul_(2.0 * chunk.spec.kd_weight / vocab) if need_grad else None)
+    if chunk.out is not None:
+        chunk.emit(diff, torch.full_like(loss, 2.0 * chunk.spec.kd_weight / vocab))
+    return loss
 
 
-def _cosine(chunk: _Chunk, group, need_grad: bool):
+def _cosine(chunk: _Chunk, group):
     s, t = chunk.s, chunk.t
-    sums = torch.stack([_vecdot(s, t), _vecdot(s, s), _vecdot(t, t)])
-    _all_reduce(sums, group)
+    sums = _all_reduce(torch.stack([_vecdot(s, t), _vecdot(s, s), _vecdot(t, t)]), group)
     norm_s = sums[1].sqrt().clamp_min(1e-12)
     norm_t = sums[2].sqrt().clamp_min(1e-12)
     cos = sums[0] / (norm_s * norm_t)
-    if not need_grad:
-        return 1.0 - cos, None
-    # d(1 - cos)/ds = cos * s / |s|^2 - t / (|s||t|)
-    weight = chunk.spec.kd_weight
-    grad = s * (weight * cos / (norm_s * norm_s)).unsqueeze(-1)
-    grad.sub_(t * (weight / (norm_s * norm_t)).unsqueeze(-1))
-    return 1.0 - cos, grad
+    if chunk.out is not None:  # d(1 - cos)/ds = cos * s / |s|^2 - t / (|s||t|)
+        weight = chunk.spec.kd_weight
+        t_part = t * (weight / (norm_s * norm_t)).unsqueeze(-1)  # before ``out`` (the teacher
+        chunk.emit(s, weight * cos / (norm_s * norm_s))     # buffer, maybe) is written
+        chunk.emit(t_part, -torch.ones_like(cos))
+    return 1.0 - cos
 
 
-def _topk_kl(chunk: _Chunk, group, need_grad: bool):
+def _topk_kl(chunk: _Chunk, group):
     spec, s, t = chunk.spec, chunk.s, chunk.t
     local_vocab = t.shape[-1]
     values, index = torch.topk(t, min(spec.topk, local_vocab), dim=-1, sorted=False)
@@ -244,49 +256,46 @@ def _topk_kl(chunk: _Chunk, group, need_grad: bool):
     log_q_s = torch.log_softmax(student_top / temp, dim=-1)
     q_t = log_q_t.exp()
     loss = (q_t * (log_q_t - log_q_s)).sum(-1) * (temp * temp)
-    if not need_grad:
-        return loss, None
-    grad_top = (log_q_s.exp() - q_t) * (spec.kd_weight * temp) * owned  # [c, b, k]
-    grad = torch.zeros_like(s)
-    grad.scatter_add_(-1, local, grad_top)
-    return loss, grad
+    if chunk.out is not None:
+        grad_top = (log_q_s.exp() - q_t) * (spec.kd_weight * temp) * owned  # [c, b, k]
+        chunk.out.zero_()
+        chunk.out.scatter_add_(-1, local, (grad_top * chunk.mask.unsqueeze(-1)).to(
+            chunk.out.dtype))
+        chunk.written = True
+    return loss
 
 
-def _kd_term(chunk: _Chunk, group, need_grad: bool, ce_share: float):
+def _kd_term(chunk: _Chunk, group, ce_share: float) -> torch.Tensor:
     kind = chunk.spec.kind
     if kind in ("kl", "rkl"):
-        return _kl(chunk, group, need_grad, kind == "rkl", ce_share)
+        return _kl(chunk, group, kind == "rkl", ce_share)
     if kind == "mse":
-        return _mse(chunk, group, need_grad)
+        return _mse(chunk, group)
     if kind == "cosine":
-        return _cosine(chunk, group, need_grad)
-    return _topk_kl(chunk, group, need_grad)
+        return _cosine(chunk, group)
+    return _topk_kl(chunk, group)
 
 
-def _ce_term(chunk: _Chunk, group, weight: float, grad: Optional[torch.Tensor],
-             folded: bool):
+def _ce_term(chunk: _Chunk, group, weight: float, folded: bool) -> torch.Tensor:
     """Cross entropy at temperature 1 (reusing the KL's normaliser when it has one).
 
-    With ``weight > 0`` its gradient times ``weight`` is added to ``grad`` (or returned when
-    ``grad`` is None); ``folded``: the softmax part is already in ``grad``.
+    With ``weight > 0`` and an ``out``, adds ``weight`` times its gradient; ``folded``: the
+    softmax part is already there (see :func:`_kl`).
     """
     s = chunk.s
     target = _all_reduce(_target_logits(chunk, s), group)
-    lse = getattr(chunk, "lse_student", None)
-    probs = None
-    if lse is None or (weight > 0 and not folded):
-        exp, row_max = _softmax_stats(s, group)
+    grad = chunk.out is not None and weight > 0
+    lse = chunk.lse_student
+    if lse is None or (grad and not folded):
+        row_max = _global_max(s, group)
+        exp = _shifted_exp(s, row_max)
         total = _all_reduce(exp.sum(-1), group)
         lse = row_max + torch.log(total)
-        probs = exp.div_(total.unsqueeze(-1)) if weight > 0 and not folded else None
-    loss = lse - target
-    if weight == 0:
-        return loss, grad
-    if not folded:
-        probs.mul_(weight)
-        grad = probs if grad is None else grad.add_(probs)
-    _add_onehot(grad, chunk, weight)
-    return loss, grad
+        if grad and not folded:
+            chunk.emit(exp, weight / total)
+    if grad:
+        _subtract_onehot(chunk, weight)
+    return lse - target
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -310,27 +319,22 @@ class _FusedLogitsLoss(torch.autograd.Function):
         vocab_start = _vocab_start(student.shape[-1], group)
         kd_sum = torch.zeros((), dtype=torch.float64, device=student.device)
         ce_sum = torch.zeros((), dtype=torch.float64, device=student.device)
+        ce_weight = spec.ce_weight if use_kd else 1.0
+        fold = use_kd and ce_weight > 0 and spec.kind in ("kl", "rkl") and spec.temperature == 1
         rows = _chunk_rows(student, spec)
-        ce_weight = (spec.ce_weight if use_kd else 1.0) if need_grad else 0.0
-        fold = (use_kd and ce_weight > 0 and spec.kind in ("kl", "rkl")
-                and spec.temperature == 1.0)
         for start in range(0, student.shape[0], rows):
             end = min(start + rows, student.shape[0])
             chunk = _Chunk(student[start:end], None if teacher is None else teacher[start:end],
-                           labels[start:end], mask[start:end], vocab_start, spec)
-            grad = None
+                           labels[start:end], mask[start:end], vocab_start, spec,
+                           grad_buffer[start:end] if need_grad else None)
             if use_kd:
-                kd_tokens, grad = _kd_term(chunk, group, need_grad, ce_weight if fold else 0.0)
+                kd_tokens = _kd_term(chunk, group, ce_weight if fold else 0.0)
                 kd_sum += _vecdot(kd_tokens.double().flatten(), chunk.mask.double().flatten())
-            ce_tokens, grad = _ce_term(chunk, group, ce_weight, grad, fold)
+            ce_tokens = _ce_term(chunk, group, ce_weight, fold)
             ce_sum += _vecdot(ce_tokens.double().flatten(), chunk.mask.double().flatten())
-            if need_grad:
-                target = grad_buffer[start:end]
-                if grad is None:
-                    target.zero_()
-                else:
-                    torch.mul(grad, chunk.mask.unsqueeze(-1), out=target)
-            del chunk, grad
+            if need_grad and not chunk.written:
+                chunk.out.zero_()
+            del chunk
         total = (spec.kd_weight * kd_sum + spec.ce_weight * ce_sum) if use_kd else ce_sum.clone()
         ctx.grad_buffer = grad_buffer
         ctx.mark_non_differentiable(kd_sum, ce_sum)
