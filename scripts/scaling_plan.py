@@ -181,7 +181,8 @@ def training_memory(cfg: ModelConfig, tp: int, pp: int, dp: int,
     sharded over DP by the distributed optimizer (12 / DP) bytes per parameter; activations of the
     micro-batches 1F1B keeps in flight ((PP - stage) micro-batches of the stage's layers); on the
     last stage the logits (student bf16, teacher bf16 and the chunked loss's extra <= 1.25 fp32
-    logits: 9 bytes per element with a teacher, 7 without). A teacher adds its frozen bf16 weights."""
+    logits: 9 bytes per element with a teacher, 7 without). A teacher adds its frozen bf16
+    weights."""
     tokens = A.train_micro_batch * A.seq_length
     layers = cfg.num_layers // pp
     worst = None

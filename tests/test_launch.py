@@ -49,7 +49,7 @@ def dry(script, *args, **env):
 
 
 def split_torchrun(command):
-    """(launcher options, stage, stage arguments) of `torchrun OPTS -m megatron_minitron STAGE ...`."""
+    """(launcher options, stage, stage arguments) of `torchrun OPTS -m megatron_minitron STAGE`."""
     assert command[0] == "torchrun", command
     module = command.index("-m")
     assert command[module + 1] == "megatron_minitron"
@@ -288,8 +288,8 @@ def test_slurm_multi_node_distill():
                     "--train-tokens", "94000000000"]
     # every node runs the srun task with its own SLURM_NODEID and joins the same rendezvous
     for node in range(4):
-        assert dry(ROOT / "launch" / "distill.sh", "--train-tokens", "94000000000", SLURM_NODEID=node,
-                   **assignments) == torchrun
+        assert dry(ROOT / "launch" / "distill.sh", "--train-tokens", "94000000000",
+                   SLURM_NODEID=node, **assignments) == torchrun
 
 
 def test_slurm_single_node_is_standalone():

@@ -85,7 +85,8 @@ minitron_srun() {
     "SLURM_JOB_NODELIST is not set: submit with sbatch, or pass it for a dry run"
   local nodes=()
   mapfile -t nodes < <(minitron_hostnames "$SLURM_JOB_NODELIST")
-  [ "${#nodes[@]}" -gt 0 ] || minitron_slurm_die "no hosts in SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+  [ "${#nodes[@]}" -gt 0 ] \
+    || minitron_slurm_die "no hosts in SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
   NNODES=${SLURM_JOB_NUM_NODES:-${#nodes[@]}}
   [ "$NNODES" -eq "${#nodes[@]}" ] || minitron_slurm_die \
     "SLURM_JOB_NUM_NODES=$NNODES but SLURM_JOB_NODELIST holds ${#nodes[@]} hosts"
