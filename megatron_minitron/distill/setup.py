@@ -113,8 +113,10 @@ def _optimizer(trainer, ddp_model, student_dtype, dp: int):
     return optimizer, scheduler
 
 
-def build_run(trainer) -> RunState:
-    """Initialises process groups and builds models, optimizer and data (collective)."""
+def wrap_for_training(student, teacher, student_cfg, teacher_cfg, pairs=(),
+                      intermediate_kind: str = "cosine", seed: int = 1234):
+    """The co-located :class:`DistillationModel` of two stages, wrapped in mcore's DDP (the
+    distributed optimizer's buffer layout when DP > 1); returns ``(model, ddp_model)``."""
     from megatron.core import parallel_state
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -122,9 +124,26 @@ def build_run(trainer) -> RunState:
         finalize_model_grads,
     )
 
+    from megatron_minitron.distill.model import DistillationModel
+
+    model = DistillationModel(student, teacher, student_cfg, teacher_cfg, pairs,
+                              intermediate_kind, seed)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+        use_distributed_optimizer=parallel_state.get_data_parallel_world_size() > 1)
+    with cuda_to_cpu():
+        ddp_model = DistributedDataParallel(model.config, ddp_config, model)
+    model.config.no_sync_func = ddp_model.no_sync
+    return model, ddp_model
+
+
+def build_run(trainer) -> RunState:
+    """Initialises process groups and builds models, optimizer and data (collective)."""
+    from megatron.core import parallel_state
+
     from megatron_minitron import adapter
     from megatron_minitron.checkpoint.io import load_weights
-    from megatron_minitron.distill.model import DistillationModel
 
     config = trainer.config
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # per-parameter INFO lines
@@ -142,15 +161,9 @@ def build_run(trainer) -> RunState:
     if config.distilling:
         teacher = adapter.build_gpt_model(trainer.teacher_cfg, params_dtype=teacher_dtype)
         load_weights(teacher, config.teacher)
-    model = DistillationModel(student, teacher, trainer.student_cfg, trainer.teacher_cfg,
-                              trainer.pairs, config.intermediate_loss, config.seed)
-    model.config.finalize_model_grads_func = finalize_model_grads
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=layout.dp > 1)
-    with cuda_to_cpu():
-        ddp_model = DistributedDataParallel(model.config, ddp_config, model)
-    model.config.no_sync_func = ddp_model.no_sync
+    model, ddp_model = wrap_for_training(student, teacher, trainer.student_cfg,
+                                         trainer.teacher_cfg, trainer.pairs,
+                                         config.intermediate_loss, config.seed)
     optimizer, scheduler = _optimizer(trainer, ddp_model, student_dtype, layout.dp)
     if resume_dir:
         _restore(trainer, model, ddp_model, optimizer, scheduler, resume_dir, start_step)

@@ -165,56 +165,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def _forward_step(self, data_iterator, model):
-        from megatron_minitron.model.forward import position_ids_for
-
-        batch = next(data_iterator)
-        device = parallel.device()
-        tokens = batch["tokens"].to(device)  # [b, s]
-        output = model(tokens, position_ids_for(tokens))
-        labels = batch["labels"].to(device).t()  # [s, b]
-        mask = batch["loss_mask"].to(device).t()  # [s, b]
-        return output, functools.partial(self._loss, labels, mask)
-
-    def _loss(self, labels, mask, output):
-        from megatron_minitron import adapter
-
-        result = logits_loss(output.student_logits, output.teacher_logits, labels, mask,
-                             self.loss_spec, adapter.get_tp_group(), teacher_writable=True)
-        total = result.total
-        intermediate = torch.zeros((), dtype=torch.float64, device=total.device)
-        if output.intermediate is not None:
-            intermediate = (output.intermediate.double() * mask.double()).sum()
-            alpha = (result.kd / intermediate).detach() if intermediate > 0 else 0.0
-            total = total + alpha * intermediate
-        report = torch.stack([total.detach(), result.kd, result.ce, intermediate.detach(),
-                              result.tokens])
-        return total, result.tokens.to(torch.int), {"sums": report}
-
     def run_schedule(self, batches, forward_only: bool) -> torch.Tensor:
         """Runs the pipeline schedule over ``batches``; returns the step's summed
         [loss, kd, ce, is, tokens] (float64) on every rank."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        from megatron_minitron import adapter
-        from megatron_minitron.compat.cpu import cuda_to_cpu
-
-        run = self.run_state
-        seq = batches[0]["tokens"].shape[1]
-        with cuda_to_cpu(), torch.set_grad_enabled(not forward_only):
-            outputs = get_forward_backward_func()(
-                forward_step_func=self._forward_step, data_iterator=iter(batches),
-                model=[run.ddp_model], num_microbatches=len(batches), seq_length=seq,
-                micro_batch_size=batches[0]["tokens"].shape[0], forward_only=forward_only)
-        sums = torch.zeros(len(REPORT_FIELDS), dtype=torch.float64, device=parallel.device())
-        if adapter.is_last_stage():
-            sums = torch.stack([o["sums"] for o in outputs]).sum(0)
-        if dist.is_initialized():
-            dist.all_reduce(sums, group=adapter.get_dp_group())
-            pp_group = adapter.get_pp_group()
-            last = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
-            dist.broadcast(sums, src=last, group=pp_group)
-        return sums
+        return run_schedule(self.run_state.ddp_model, self.loss_spec, batches, forward_only)
 
     def train_step(self, batches) -> Dict[str, float]:
         from megatron_minitron.compat.cpu import cuda_to_cpu
@@ -312,6 +266,65 @@ class Trainer:
                              kd_weight=config.kd_weight if config.distilling else 0.0,
                              ce_weight=config.ce_weight if config.distilling else 1.0,
                              topk=config.topk, chunk_tokens=config.logits_chunk_tokens)
+
+
+def _forward_step(loss_spec: LogitLossSpec, data_iterator, model):
+    """mcore's forward step: one micro-batch through the co-located stages; on the last stage
+    the loss function gets the :class:`StageOutput`."""
+    from megatron_minitron.model.forward import position_ids_for
+
+    batch = next(data_iterator)
+    device = parallel.device()
+    tokens = batch["tokens"].to(device)  # [b, s]
+    output = model(tokens, position_ids_for(tokens))
+    labels = batch["labels"].to(device).t()  # [s, b]
+    mask = batch["loss_mask"].to(device).t()  # [s, b]
+    return output, functools.partial(_loss, loss_spec, labels, mask)
+
+
+def _loss(loss_spec: LogitLossSpec, labels, mask, output):
+    """Token sums of the step's loss (mcore's per-token mode divides by the global count):
+    ``total = kd_weight·KD + ce_weight·CE + α·IS`` with ``α = KD / IS`` detached."""
+    from megatron_minitron import adapter
+
+    result = logits_loss(output.student_logits, output.teacher_logits, labels, mask, loss_spec,
+                         adapter.get_tp_group(), teacher_writable=True)
+    total = result.total
+    intermediate = torch.zeros((), dtype=torch.float64, device=total.device)
+    if output.intermediate is not None:
+        intermediate = (output.intermediate.double() * mask.double()).sum()
+        alpha = (result.kd / intermediate).detach() if intermediate > 0 else 0.0
+        total = total + alpha * intermediate
+    report = torch.stack([total.detach(), result.kd, result.ce, intermediate.detach(),
+                          result.tokens])
+    return total, result.tokens.to(torch.int), {"sums": report}
+
+
+def run_schedule(ddp_model, loss_spec: LogitLossSpec, batches, forward_only: bool):
+    """mcore's pipeline schedule over ``batches`` (micro-batches of tokens/labels/loss_mask)
+    with a DDP-wrapped :class:`DistillationModel`; gradients accumulate in DDP's buffers.
+    Returns the summed [loss, kd, ce, is, tokens] (float64) on every rank."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_minitron import adapter
+    from megatron_minitron.compat.cpu import cuda_to_cpu
+
+    seq = batches[0]["tokens"].shape[1]
+    with cuda_to_cpu(), torch.set_grad_enabled(not forward_only):
+        outputs = get_forward_backward_func()(
+            forward_step_func=functools.partial(_forward_step, loss_spec),
+            data_iterator=iter(batches), model=[ddp_model], num_microbatches=len(batches),
+            seq_length=seq, micro_batch_size=batches[0]["tokens"].shape[0],
+            forward_only=forward_only)
+    sums = torch.zeros(len(REPORT_FIELDS), dtype=torch.float64, device=parallel.device())
+    if adapter.is_last_stage():
+        sums = torch.stack([o["sums"] for o in outputs]).sum(0)
+    if dist.is_initialized():
+        dist.all_reduce(sums, group=adapter.get_dp_group())
+        pp_group = adapter.get_pp_group()
+        last = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
+        dist.broadcast(sums, src=last, group=pp_group)
+    return sums
 
 
 def _is_number(text: str) -> bool:
