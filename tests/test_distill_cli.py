@@ -178,19 +178,29 @@ def test_yaml_config_and_flag_precedence(tmp_path):
 # ----------------------------------------------------------------------------- CE training
 
 
-def _ce_runs(models, corrected, retrained):
+def _ce_runs(models, corrected, retrained, data_dir):
+    """Teacher correction on text; CE retraining on an indexed dataset (mcore's GPTDataset)."""
+    from conftest import tiny_text
+    from megatron_minitron.data import build_indexed_dataset, load_tokenizer
+
     root, text = models
-    common = ["--text-file", text, "--seq-length", "16", "--train-tokens", str(8 * 4 * 16),
-              "--global-batch-size", "4", "--lr", "3e-3", "--eval-samples", "8"]
+    common = ["--seq-length", "16", "--train-tokens", str(8 * 4 * 16), "--global-batch-size",
+              "4", "--lr", "3e-3", "--eval-samples", "8"]
     assert cli.main(["correct-teacher", "--load", os.path.join(root, "teacher"), "--output",
-                     corrected, *common]) == 0
+                     corrected, "--text-file", text, *common]) == 0
+    documents = os.path.join(data_dir, "docs.jsonl")
+    with open(documents, "w") as handle:
+        for seed in range(60):
+            handle.write(json.dumps({"text": tiny_text(60, seed)}) + "\n")
+    prefix = os.path.join(data_dir, "docs")
+    build_indexed_dataset(documents, load_tokenizer(os.path.join(root, "student")), prefix)
     assert cli.main(["train", "--ce-only", "--load", os.path.join(root, "student"), "--output",
-                     retrained, *common]) == 0
+                     retrained, "--data-prefix", prefix, "--split", "90,10,0", *common]) == 0
 
 
 def test_correct_teacher_and_ce_only_training(distill_models, tmp_path):
     corrected, retrained = str(tmp_path / "teacher2"), str(tmp_path / "student_ce")
-    spawn(_ce_runs, 1, distill_models, corrected, retrained)
+    spawn(_ce_runs, 1, distill_models, corrected, retrained, str(tmp_path))
     for run_dir, role, hidden in ((corrected, "correct-teacher", 64), (retrained, "ce", 32)):
         train = [r for r in _log(run_dir) if r["split"] == "train"]
         valid = [r for r in _log(run_dir) if r["split"] == "valid"]

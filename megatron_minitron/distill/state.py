@@ -194,7 +194,7 @@ def _full_optimizer_states(optimizer, params: List[torch.nn.Parameter]):
 def _max_over_world(value: int) -> int:
     if not dist.is_initialized():
         return value
-    box = torch.tensor([value], dtype=torch.int64)
+    box = torch.tensor([value], dtype=torch.int64, device=parallel.device())
     dist.all_reduce(box, op=dist.ReduceOp.MAX)
     return int(box.item())
 

@@ -209,6 +209,9 @@ class Trainer:
         total_steps = config.train_steps()
         progress = ProgressLog(config, total_steps, run.start_step, self.tokens_per_step())
         report: Dict[str, float] = {}
+        if run.start_step >= total_steps and os.path.isdir(self.final_dir()):
+            parallel.log_rank0(f"{config.output} is already trained to step {total_steps}; "
+                               f"the model is in {self.final_dir()}")
         try:
             for step in range(run.start_step + 1, total_steps + 1):
                 batches = run.next_batches()
