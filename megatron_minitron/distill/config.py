@@ -18,7 +18,7 @@ import inspect
 import os
 import textwrap
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from megatron_minitron.distill.losses import INTERMEDIATE_LOSSES, LOGIT_LOSSES
@@ -71,10 +71,10 @@ class TrainConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Gradient clipping by global norm (0 disables)."""
-    precision: str = "auto"
+    precision: str = field(default="auto", metadata={"choices": PRECISIONS})
     """auto (bf16 on GPU, fp32 on CPU), fp32 or bf16 for the student; the teacher runs in bf16
     on GPU unless fp32 is asked for."""
-    loss: str = "kl"
+    loss: str = field(default="kl", metadata={"choices": LOGIT_LOSSES})
     """Logits distillation loss: kl, rkl, mse, cosine or topk_kl."""
     temperature: float = 1.0
     """Softmax temperature of the KL losses."""
@@ -87,7 +87,7 @@ class TrainConfig:
     intermediate: Optional[str] = None
     """Intermediate-state pairs TEACHER:STUDENT (1-based layer outputs, emb = embeddings), e.g.
     emb,16:8; added with weight L_logits / L_is (detached)."""
-    intermediate_loss: str = "cosine"
+    intermediate_loss: str = field(default="cosine", metadata={"choices": INTERMEDIATE_LOSSES})
     """Loss between (projected) hidden states: cosine or mse."""
     logits_chunk_tokens: Optional[int] = None
     """Sequence positions per chunk of the logits loss (default: about 1/32 of the logits)."""
@@ -101,7 +101,7 @@ class TrainConfig:
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
     """Most recent checkpoints kept in OUTPUT/checkpoints."""
-    resume: Optional[str] = None
+    resume: Optional[str] = field(default=None, metadata={"choices": ("auto",)})
     """auto: continue the run in --output from its latest checkpoint (a fresh start if none)."""
     tensorboard_dir: Optional[str] = None
     """TensorBoard folder (default OUTPUT/tensorboard when tensorboard is installed; 'none'
@@ -252,7 +252,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip=(), aliases=None,
             help_text += f" (default {default})"
         flags = [f"--{_flag(item.name)}"] + list(aliases.get(item.name, ()))
         group.add_argument(*flags, dest=item.name, type=kind, nargs="+" if is_list else None,
-                           default=None, help=help_text.replace("%", "%%"))
+                           default=None, choices=item.metadata.get("choices"),
+                           help=help_text.replace("%", "%%"))
     parser.add_argument("--config", help="YAML file of these settings (flags override it)")
 
 
