@@ -4,7 +4,7 @@
 
 1. imports SmolLM2-135M (offline asset) and scores it on Linux-doc calibration text;
 2. width: prunes to hidden 384, ffn 1024, 6 heads in 3 groups (~67M of 134.5M parameters) with
-   our scores and with random scores (3 seeds);
+   our scores and with random scores (3 seeds), with and without head add-back;
 3. depth: removes 15 of 30 layers by PPL, BI, block BI and at random (3 seeds);
 4. evaluates every model's LM loss on held-out Linux-doc files (no retraining).
 
@@ -75,11 +75,14 @@ def main():
     with parallel.parallel_context(1, 1):
         model, cfg = io.load_checkpoint(source)
         scores_path = os.path.join(args.work, "scores.pt")
-        start = time.perf_counter()
-        scores = estimate_importance(model, cfg, micro_batches(calib, 4),
-                                     ImportanceConfig(depth_samples=args.depth_samples))
-        timings["importance_s"] = time.perf_counter() - start
-        save_scores(scores, scores_path)
+        if os.path.isfile(scores_path):
+            scores = torch.load(scores_path, weights_only=False)
+        else:
+            start = time.perf_counter()
+            scores = estimate_importance(model, cfg, micro_batches(calib, 4),
+                                         ImportanceConfig(depth_samples=args.depth_samples))
+            timings["importance_s"] = time.perf_counter() - start
+            save_scores(scores, scores_path)
         plot_scores(scores, os.path.join(args.work, "scores.png"))
 
         def evaluate(path):
@@ -99,9 +102,14 @@ def main():
             rows.append({"model": name, "params": params, "loss": loss})
             return loss
 
-        width_ours = prune_and_eval("width_ours", scores, WIDTH)
-        width_random = [prune_and_eval(f"width_random{seed}", random_scores(cfg, seed), WIDTH)
-                        for seed in range(3)]
+        width, width_random = {}, {}
+        for add_back in (False, True):
+            tag = "addback" if add_back else "no_addback"
+            width[tag] = prune_and_eval(f"width_ours_{tag}", scores, WIDTH,
+                                        head_add_back=add_back)
+            width_random[tag] = statistics.mean(
+                prune_and_eval(f"width_random{seed}_{tag}", random_scores(cfg, seed), WIDTH,
+                               head_add_back=add_back) for seed in range(3))
         depth = {metric: prune_and_eval(f"depth_{metric}", scores, {"num_layers": 15},
                                         depth_metric=metric)
                  for metric in ("ppl", "bi", "block_bi")}
@@ -116,14 +124,15 @@ def main():
                        f"(depth metrics on {args.depth_samples})",
         "held_out": f"{args.eval_samples} x {args.seq_length} tokens of other Linux-doc files",
         "rows": rows, "timings": timings,
-        "width_ours_loss": width_ours, "width_random_mean_loss": statistics.mean(width_random),
+        "width_ours_loss": width, "width_random_mean_loss": width_random,
         "depth_losses": depth, "depth_random_mean_loss": statistics.mean(depth_random),
         "scores_meta": {k: v for k, v in scores["meta"].items() if k != "model"},
     }
     print_table([{**r, "loss": f"{r['loss']:.4f}", "params": f"{r['params'] / 1e6:.1f}M"}
                  for r in rows], ["model", "params", "loss"])
-    print(f"width: ours {width_ours:.4f} vs random mean {result['width_random_mean_loss']:.4f}; "
-          f"depth: {', '.join(f'{k} {v:.4f}' for k, v in depth.items())} vs random mean "
+    for tag in width:
+        print(f"width ({tag}): ours {width[tag]:.4f} vs random mean {width_random[tag]:.4f}")
+    print(f"depth: {', '.join(f'{k} {v:.4f}' for k, v in depth.items())} vs random mean "
           f"{result['depth_random_mean_loss']:.4f}")
     print("wrote", write_result("prune_quality_smollm2", result))
     del torch
