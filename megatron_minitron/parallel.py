@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron_minitron.compat.cpu import apply_cpu_patches, cpu_mode
 
 logger = logging.getLogger("megatron_minitron")
+_ADDED_ENV: list = []  # environment variables initialize() set for a single process
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,11 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     world_size = world_size_from_env() if not dist.is_initialized() else dist.get_world_size()
     check_layout(tp, pp, world_size)
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        if "RANK" not in os.environ:  # a plain single process: a one-rank group on a free port
+            single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+            os.environ.update(single)
+            _ADDED_ENV.extend(single)
         backend = "gloo" if cpu_mode() else "nccl"
         if not cpu_mode():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -98,6 +101,9 @@ def teardown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    for key in _ADDED_ENV:  # child processes must not inherit a stale rendezvous
+        os.environ.pop(key, None)
+    _ADDED_ENV.clear()
 
 
 @contextlib.contextmanager
