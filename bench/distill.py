@@ -84,14 +84,22 @@ def peer_python() -> str | None:
 
 
 def _timed_round(fns, barrier):
+    """{name: (wall seconds, CPU seconds)} of one call each; the slowest rank's."""
+    import torch
+
     times = {}
     for name, fn in fns.items():
         barrier()
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        barrier()
-        times[name] = time.perf_counter() - start
+        spent = torch.tensor([time.perf_counter() - wall, time.process_time() - cpu])
+        torch.distributed.all_reduce(spent, op=torch.distributed.ReduceOp.MAX)
+        times[name] = spent.tolist()
     return times
+
+
+def _best(rounds, name, index):
+    return min(r[name][index] for r in rounds)
 
 
 def _peer_model(student, teacher):
@@ -186,7 +194,8 @@ def _loss_only(spec_kind, tp_group, peer_config, repeats: int):
         # the clones of the inputs are made inside: subtract them (2 logits tensors)
         with LiveTensorBytes() as tracker:
             fn()
-        result[name] = {"seconds": min(r[name] for r in rounds),
+        result[name] = {"seconds": _best(rounds, name, 0),
+                        "cpu_seconds": _best(rounds, name, 1),
                         "extra_peak_logits": round(tracker.peak / logits_bytes - 2.0, 3)}
     return result
 
@@ -200,7 +209,7 @@ def worker(tp: int, repeats: int, quick: bool, peer: bool, out: str) -> None:
     from megatron_minitron.distill.setup import wrap_for_training
     from megatron_minitron.distill.trainer import run_schedule
 
-    torch.set_num_threads(max(1, int(os.environ.get("BENCH_THREADS", "2")) // tp))
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS_PER_RANK", "1")))
     parallel.initialize(tp, 1, seed=1)
     teacher_cfg, student_cfg = model_configs(quick)
     teacher = adapter.build_gpt_model(teacher_cfg).eval()
@@ -242,7 +251,8 @@ def worker(tp: int, repeats: int, quick: bool, peer: bool, out: str) -> None:
     barrier = torch.distributed.barrier
     _timed_round(fns, barrier)  # warm-up
     rounds = [_timed_round(fns, barrier) for _ in range(repeats)]
-    seconds = {name: min(r[name] for r in rounds) for name in fns}
+    seconds = {name: _best(rounds, name, 0) for name in fns}
+    cpu = {name: _best(rounds, name, 1) for name in fns}
     logits_bytes = BATCH * SEQ * (teacher_cfg.vocab_size // tp) * 4
     peaks = {}
     for name in ("student_fwd_bwd", "distill_step", "ce_step", "modelopt_step"):
@@ -254,13 +264,17 @@ def worker(tp: int, repeats: int, quick: bool, peer: bool, out: str) -> None:
     kd_ours = float(sums[1])
     kd_peer = float(_peer_step(peer_model, batch)["logits_loss"]) if peer else None
     base = seconds["teacher_forward"] + seconds["student_fwd_bwd"]
+    cpu_base = cpu["teacher_forward"] + cpu["student_fwd_bwd"]
+    variants = [k for k in ("distill_step", "modelopt_step", "ce_step") if k in seconds]
     result = {
         "tp": tp, "threads_per_rank": torch.get_num_threads(),
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
+        "cpu_seconds": {k: round(v, 4) for k, v in cpu.items()},
         "tokens_per_second": {k: round(BATCH * SEQ / v, 1) for k, v in seconds.items()},
         "ratio_to_teacher_fwd_plus_student_fwd_bwd": {
-            k: round(seconds[k] / base, 3) for k in ("distill_step", "modelopt_step", "ce_step")
-            if k in seconds},
+            k: round(seconds[k] / base, 3) for k in variants},
+        "cpu_ratio_to_teacher_fwd_plus_student_fwd_bwd": {
+            k: round(cpu[k] / cpu_base, 3) for k in variants},
         "peak_bytes": peaks,
         "extra_peak_over_student_step_in_logits": {
             k: round((v - peaks["student_fwd_bwd"]) / logits_bytes, 2) for k, v in peaks.items()},
@@ -275,25 +289,36 @@ def worker(tp: int, repeats: int, quick: bool, peer: bool, out: str) -> None:
             json.dump(result, handle, indent=2)
 
 
-def _spawned(args_list):
-    from megatron_minitron.testing import spawn
+def _rank_entry(rank, world, port, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    worker(*args)
 
-    tp, repeats, quick, peer, out = args_list
-    spawn(worker, tp, tp, repeats, quick, peer, out)
+
+def _spawned(tp, repeats, quick, peer, out):
+    """One process per TP rank (gloo), without the test helper's time limit."""
+    import torch.multiprocessing as mp
+
+    from megatron_minitron.parallel import free_port
+
+    mp.start_processes(_rank_entry, args=(tp, free_port(), (tp, repeats, quick, peer, out)),
+                       nprocs=tp, join=True, start_method="spawn")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="2-layer models, vocab 8192")
     parser.add_argument("--no-peer", action="store_true", help="skip Model Optimizer")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads per rank (1: steady timings on a shared machine)")
     parser.add_argument("--output", default=os.path.join(RESULTS, "distill.json"))
     args = parser.parse_args()
     if args.worker:
         tp, repeats, quick, peer, out = args.worker
-        _spawned((int(tp), int(repeats), quick == "1", peer == "1", out))
+        _spawned(int(tp), int(repeats), quick == "1", peer == "1", out)
         return 0
     python = None if args.no_peer else peer_python()
     runs = {}
@@ -302,7 +327,9 @@ def main() -> int:
         command = [python or sys.executable, os.path.abspath(__file__), "--worker", str(tp),
                    str(args.repeats), "1" if args.quick else "0", "1" if python else "0", out]
         started = time.time()
-        subprocess.run(command, check=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        subprocess.run(command, check=True, env=dict(
+            os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(args.threads),
+            BENCH_THREADS_PER_RANK=str(args.threads)))
         with open(out) as handle:
             runs[f"tp{tp}"] = json.load(handle)
         os.remove(out)
@@ -311,7 +338,8 @@ def main() -> int:
     teacher, student = model_configs(args.quick)
     report = {
         "benchmark": "distillation step vs teacher forward + student forward-backward",
-        "command": "python bench/distill.py" + (" --quick" if args.quick else ""),
+        "command": "python bench/distill.py" + (" --quick" if args.quick else "")
+        + f" --repeats {args.repeats} --threads {args.threads}",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "load_average": os.getloadavg()},
         "teacher": teacher.to_dict(), "student": student.to_dict(),
@@ -329,15 +357,18 @@ def main() -> int:
 
 
 def _print(run) -> None:
-    print(f"TP={run['tp']}: " + ", ".join(f"{k} {v:.3f}s" for k, v in run["seconds"].items()))
-    print("  ratio to (teacher fwd + student fwd-bwd): " + ", ".join(
-        f"{k} {v:.3f}" for k, v in run["ratio_to_teacher_fwd_plus_student_fwd_bwd"].items()))
+    print(f"TP={run['tp']}: " + ", ".join(
+        f"{k} {v:.3f}s (cpu {run['cpu_seconds'][k]:.3f}s)" for k, v in run["seconds"].items()))
+    for label, key in (("wall", "ratio_to_teacher_fwd_plus_student_fwd_bwd"),
+                       ("cpu", "cpu_ratio_to_teacher_fwd_plus_student_fwd_bwd")):
+        print(f"  {label} ratio to (teacher fwd + student fwd-bwd): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in run[key].items()))
     print("  extra peak over the student step, in logits tensors: " + ", ".join(
         f"{k} {v}" for k, v in run["extra_peak_over_student_step_in_logits"].items()))
     if run.get("loss_only"):
         print("  loss alone: " + ", ".join(
-            f"{k} {v['seconds']:.3f}s / {v['extra_peak_logits']}x" for k, v in
-            run["loss_only"].items()))
+            f"{k} {v['seconds']:.3f}s (cpu {v['cpu_seconds']:.3f}s) / {v['extra_peak_logits']}x"
+            for k, v in run["loss_only"].items()))
 
 
 if __name__ == "__main__":

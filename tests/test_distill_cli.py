@@ -133,7 +133,8 @@ def test_bad_inputs_fail_in_one_line(distill_models, tmp_path, capsys, monkeypat
     assert "tokenizer" in _error(capsys, _replace(base, "--student", other_tokens))
     assert "does not divide the world size" in _error(capsys, base + ["--tp", "3"])
     monkeypatch.setenv("WORLD_SIZE", "8")
-    assert "of the student" in _error(capsys, base + ["--tp", "8"])
+    assert "the student: --tensor-model-parallel-size=8 does not divide" in _error(
+        capsys, base + ["--tp", "8"])
     assert "not divisible by --micro-batch-size 2 × data parallel size 4" in _error(
         capsys, base + ["--pp", "2"])
     monkeypatch.delenv("WORLD_SIZE")

@@ -40,7 +40,7 @@ LOGIT_LOSSES = ("kl", "rkl", "mse", "cosine", "topk_kl")
 INTERMEDIATE_LOSSES = ("cosine", "mse")
 _AUTO_CHUNKS = 32  # chunk temporaries stay well under a quarter of one logits tensor
 _MIN_CHUNK_ELEMENTS = 1 << 16  # below this, more chunks only add per-op overhead
-_MAX_CHUNK_ELEMENTS = 1 << 18  # above this (1 MB in fp32), the temporaries fall out of cache
+_MAX_CHUNK_ELEMENTS = 1 << 20  # larger chunks gain nothing (and fall out of cache)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class LogitLossSpec:
     topk: int = 64
     """Teacher logits kept by ``topk_kl``."""
     chunk_tokens: Optional[int] = None
-    """Sequence positions per chunk; None picks about 1/32 of the logits, at most 2^18 values."""
+    """Sequence positions per chunk; None picks about 1/32 of the logits, at most 2^20 values."""
 
     def __post_init__(self):
         if self.kind not in LOGIT_LOSSES:
@@ -127,6 +127,7 @@ class _Chunk:
         self.out = out  # [c, b, v/tp] gradient destination (may alias the teacher), or None
         self.written = False  # whether ``out`` holds a gradient term yet
         self.lse_student = None  # log-sum-exp of the student logits when a KL found it (T = 1)
+        self.target = None  # z[label], all-reduced, when a KL found it (T = 1)
 
     def emit(self, values: torch.Tensor, row_scale: torch.Tensor) -> None:
         """out (+)= values * row_scale[..., None], with the loss mask folded into the scale."""
@@ -184,8 +185,12 @@ def _kl(chunk: _Chunk, group, reverse: bool, ce_share: float):
     exp_s = _shifted_exp(s, row_max[0])
     exp_t = _shifted_exp(t, row_max[1])
     diff = torch.sub(s, t)  # [c, b, v/tp]
-    sums = _all_reduce(torch.stack([exp_s.sum(-1), exp_t.sum(-1),
-                                    _vecdot(diff, exp_s if reverse else exp_t)]), group)
+    sums = [exp_s.sum(-1), exp_t.sum(-1), _vecdot(diff, exp_s if reverse else exp_t)]
+    if temp == 1.0:  # the CE term's target logits ride along: one all-reduce less per chunk
+        sums.append(_target_logits(chunk, chunk.s))
+    sums = _all_reduce(torch.stack(sums), group)
+    if temp == 1.0:
+        chunk.target = sums[3]
     lse_s = row_max[0] + torch.log(sums[0])
     lse_t = row_max[1] + torch.log(sums[1])
     if reverse:  # sum p_s (s - t) - lse_s + lse_t
@@ -283,7 +288,9 @@ def _ce_term(chunk: _Chunk, group, weight: float, folded: bool) -> torch.Tensor:
     softmax part is already there (see :func:`_kl`).
     """
     s = chunk.s
-    target = _all_reduce(_target_logits(chunk, s), group)
+    target = chunk.target
+    if target is None:
+        target = _all_reduce(_target_logits(chunk, s), group)
     grad = chunk.out is not None and weight > 0
     lse = chunk.lse_student
     if lse is None or (grad and not folded):

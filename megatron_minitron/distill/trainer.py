@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import time
 from typing import Dict, List, Optional
@@ -35,7 +34,6 @@ from megatron_minitron.distill.losses import LogitLossSpec, logits_loss
 from megatron_minitron.distill.model import LayerPair, check_pairs, parse_pairs
 from megatron_minitron.errors import UsageError
 
-logger = logging.getLogger("megatron_minitron")
 REPORT_FIELDS = ("loss", "kd", "ce", "is", "tokens")  # sums over the step's tokens
 
 
@@ -116,7 +114,7 @@ class Trainer:
             try:
                 cfg.check_layout(config.tp, config.pp)
             except ValueError as err:
-                raise UsageError(f"{err} of the {name}") from None
+                raise UsageError(f"the {name}: {err}") from None
             if config.seq_length > cfg.max_position_embeddings:
                 raise UsageError(f"--seq-length {config.seq_length} exceeds the {name}'s "
                                  f"max_position_embeddings {cfg.max_position_embeddings}")
