@@ -147,10 +147,6 @@ def _shifted_exp(x: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     return torch.sub(x, row_max.unsqueeze(-1)).exp_()
 
 
-def _global_max(x: torch.Tensor, group) -> torch.Tensor:
-    return _all_reduce(x.amax(dim=-1), group, dist.ReduceOp.MAX)
-
-
 def _target_logits(chunk: _Chunk, logits: torch.Tensor) -> torch.Tensor:
     """This rank's share of z[label] (0 where another rank owns the label): [c, b]."""
     local = chunk.labels - chunk.vocab_start
@@ -173,22 +169,55 @@ def _subtract_onehot(chunk: _Chunk, weight: float) -> None:
 # times the gradient of the per-token loss w.r.t. the student logits into it.
 
 
+def _combine_ranks(local_max: torch.Tensor, local_sums: torch.Tensor, owners, group):
+    """Vocab-global statistics from each rank's, with one collective.
+
+    ``local_max`` [m, c, b]: row maxima of m tensors on this rank's vocab shard;
+    ``local_sums`` [n, c, b]: sums of ``exp(x - local max) * ...`` (``owners[i]`` names the
+    tensor whose max shifted sum ``i``; -1: a plain sum). Returns the global maxima [m, c, b],
+    the sums rescaled to them [n, c, b] and this rank's rescale factors ``exp(local - global
+    max)`` [m, c, b], which turn its local exponentials into global ones.
+    """
+    size = _group_size(group)
+    stats = torch.cat([local_max, local_sums])  # [m + n, c, b]
+    if size == 1:
+        return local_max, local_sums, torch.ones_like(local_max)
+    gathered = torch.empty((size * stats.shape[0],) + tuple(stats.shape[1:]), dtype=stats.dtype,
+                           device=stats.device)
+    dist.all_gather_into_tensor(gathered, stats.contiguous(), group=group)
+    gathered = gathered.view((size,) + tuple(stats.shape))  # [tp, m + n, c, b]
+    maxima = gathered[:, :local_max.shape[0]]  # [tp, m, c, b]
+    global_max = maxima.amax(dim=0)
+    rescale = torch.exp(maxima - global_max)  # [tp, m, c, b]
+    sums = []
+    for index, owner in enumerate(owners):
+        parts = gathered[:, local_max.shape[0] + index]  # [tp, c, b]
+        sums.append((parts * rescale[:, owner]).sum(0) if owner >= 0 else parts.sum(0))
+    mine = rescale[dist.get_rank(group)]
+    return global_max, torch.stack(sums), mine
+
+
 def _kl(chunk: _Chunk, group, reverse: bool, ce_share: float):
     """``ce_share``: weight of a cross-entropy term folded in (temperature 1): its softmax part
-    ``ce_share * p_s`` is added to the gradient here, leaving only the one-hot part."""
+    ``ce_share * p_s`` is added to the gradient here, leaving only the one-hot part.
+
+    Exponentials use this rank's row maxima; one all-gather of the per-row statistics makes
+    them global (:func:`_combine_ranks`).
+    """
     spec = chunk.spec
     temp = spec.temperature
     s = chunk.s if temp == 1.0 else chunk.s / temp
     t = chunk.t if temp == 1.0 else chunk.t / temp
-    row_max = _all_reduce(torch.stack([s.amax(dim=-1), t.amax(dim=-1)]), group,
-                          dist.ReduceOp.MAX)  # [2, c, b]
-    exp_s = _shifted_exp(s, row_max[0])
-    exp_t = _shifted_exp(t, row_max[1])
+    local_max = torch.stack([s.amax(dim=-1), t.amax(dim=-1)])  # [2, c, b]
+    exp_s = _shifted_exp(s, local_max[0])
+    exp_t = _shifted_exp(t, local_max[1])
     diff = torch.sub(s, t)  # [c, b, v/tp]
     sums = [exp_s.sum(-1), exp_t.sum(-1), _vecdot(diff, exp_s if reverse else exp_t)]
-    if temp == 1.0:  # the CE term's target logits ride along: one all-reduce less per chunk
+    owners = [0, 1, 0 if reverse else 1]
+    if temp == 1.0:  # the CE term's target logits ride along
         sums.append(_target_logits(chunk, chunk.s))
-    sums = _all_reduce(torch.stack(sums), group)
+        owners.append(-1)
+    row_max, sums, rescale = _combine_ranks(local_max, torch.stack(sums), owners, group)
     if temp == 1.0:
         chunk.target = sums[3]
     lse_s = row_max[0] + torch.log(sums[0])
@@ -201,14 +230,14 @@ def _kl(chunk: _Chunk, group, reverse: bool, ce_share: float):
         loss = -sums[2] / sums[1] - lse_t + lse_s
     if temp == 1.0:
         chunk.lse_student = lse_s
-    if chunk.out is not None:
+    if chunk.out is not None:  # p = local exp * rescale / global sum
         scale = spec.kd_weight * temp  # d/dz = (1/T) d/ds, times the T^2 of the loss
         if reverse:  # d/ds = p_s * ((s - t) - mean(s - t))
             factor = diff.sub_(mean_diff.unsqueeze(-1)).mul_(scale).add_(ce_share)
-            chunk.emit(exp_s.mul_(factor), 1.0 / sums[0])
+            chunk.emit(exp_s.mul_(factor), rescale[0] / sums[0])
         else:  # d/ds = p_s - p_t
-            chunk.emit(exp_s, (scale + ce_share) / sums[0])
-            chunk.emit(exp_t, -scale / sums[1])
+            chunk.emit(exp_s, (scale + ce_share) * rescale[0] / sums[0])
+            chunk.emit(exp_t, -scale * rescale[1] / sums[1])
     return loss * (temp * temp)
 
 
@@ -288,18 +317,20 @@ def _ce_term(chunk: _Chunk, group, weight: float, folded: bool) -> torch.Tensor:
     softmax part is already there (see :func:`_kl`).
     """
     s = chunk.s
-    target = chunk.target
-    if target is None:
-        target = _all_reduce(_target_logits(chunk, s), group)
     grad = chunk.out is not None and weight > 0
-    lse = chunk.lse_student
+    lse, target = chunk.lse_student, chunk.target
     if lse is None or (grad and not folded):
-        row_max = _global_max(s, group)
-        exp = _shifted_exp(s, row_max)
-        total = _all_reduce(exp.sum(-1), group)
-        lse = row_max + torch.log(total)
+        local_max = s.amax(dim=-1).unsqueeze(0)  # [1, c, b]
+        exp = _shifted_exp(s, local_max[0])
+        sums = [exp.sum(-1)] + ([_target_logits(chunk, s)] if target is None else [])
+        row_max, sums, rescale = _combine_ranks(local_max, torch.stack(sums),
+                                                [0, -1][:len(sums)], group)
+        lse = row_max[0] + torch.log(sums[0])
+        target = sums[1] if target is None else target
         if grad and not folded:
-            chunk.emit(exp, weight / total)
+            chunk.emit(exp, weight * rescale[0] / sums[0])
+    elif target is None:
+        target = _all_reduce(_target_logits(chunk, s), group)
     if grad:
         _subtract_onehot(chunk, weight)
     return lse - target
