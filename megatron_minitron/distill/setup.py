@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -147,6 +148,9 @@ def build_run(trainer) -> RunState:
 
     config = trainer.config
     logging.getLogger("megatron.core").setLevel(logging.WARNING)  # per-parameter INFO lines
+    for message in (r".*`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                    r"deprecated", r".*\.grad attribute of a Tensor that is not a leaf"):
+        warnings.filterwarnings("ignore", message=message)  # raised inside mcore, every step
     layout = parallel.initialize(config.tp, config.pp, config.seed)
     start_step = trainer.resume_step or 0
     state.start_run(config.output, trainer.identity(), config.to_dict(), trainer.resume_step)
