@@ -336,7 +336,7 @@ def main() -> int:
         runs[f"tp{tp}"]["wall_seconds"] = round(time.time() - started, 1)
         _print(runs[f"tp{tp}"])
     teacher, student = model_configs(args.quick)
-    report = {
+    report = dict(_headline(runs), **{
         "benchmark": "distillation step vs teacher forward + student forward-backward",
         "command": "python bench/distill.py" + (" --quick" if args.quick else "")
         + f" --repeats {args.repeats} --threads {args.threads}",
@@ -345,8 +345,9 @@ def main() -> int:
         "teacher": teacher.to_dict(), "student": student.to_dict(),
         "micro_batch": [BATCH, SEQ], "dtype": "fp32",
         "peer": PEER_PACKAGE if python else None,
+        "environment": _environment(),
         "runs": runs,
-    }
+    })
     os.makedirs(RESULTS, exist_ok=True)
     tmp = args.output + ".tmp"
     with open(tmp, "w") as handle:
@@ -354,6 +355,41 @@ def main() -> int:
     os.replace(tmp, args.output)
     print(f"wrote {args.output}")
     return 0
+
+
+def _headline(runs):
+    """Top-level figures and the goal, as bench/run_all.py summarises them."""
+    figures = {}
+    for key, run in runs.items():
+        ratios = run["ratio_to_teacher_fwd_plus_student_fwd_bwd"]
+        figures[f"distill_step_ratio_{key}"] = ratios["distill_step"]
+        if "modelopt_step" in ratios:
+            figures[f"modelopt_step_ratio_{key}"] = ratios["modelopt_step"]
+        figures[f"distill_step_tokens_per_s_{key}"] = run["tokens_per_second"]["distill_step"]
+        mb = 1 << 20
+        extra = {k: (v - run["peak_bytes"]["student_fwd_bwd"]) / mb
+                 for k, v in run["peak_bytes"].items()}
+        figures[f"distill_extra_peak_mb_{key}"] = round(extra["distill_step"], 1)
+        if "modelopt_step" in extra:
+            figures[f"modelopt_extra_peak_mb_{key}"] = round(extra["modelopt_step"], 1)
+        if run.get("loss_only"):
+            figures[f"loss_extra_peak_ratio_{key}"] = run["loss_only"]["ours"][
+                "extra_peak_logits"]
+    goal = "; ".join([f"distill_step_ratio_{k} <= 1.10" for k in runs]
+                     + [f"loss_extra_peak_ratio_{k} <= 1.25" for k in runs
+                        if f"loss_extra_peak_ratio_{k}" in figures])
+    return dict(figures, goal=goal)
+
+
+def _environment():
+    from importlib.metadata import version
+
+    import torch
+
+    device = (torch.cuda.get_device_name() if torch.cuda.is_available()
+              else f"cpu ({os.cpu_count()} cores)")
+    return {"device": device, "torch": torch.__version__,
+            "megatron_core": version("megatron-core"), "python": platform.python_version()}
 
 
 def _print(run) -> None:
