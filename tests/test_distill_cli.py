@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from megatron_minitron import cli
 from megatron_minitron.testing import spawn
