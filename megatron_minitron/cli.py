@@ -33,6 +33,10 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
                         "fine-tune the teacher on the distillation data (teacher correction)"),
     "train": ("megatron_minitron.commands.distill",
               "train a checkpoint: --ce-only for plain cross-entropy, or with --teacher"),
+    "search": ("megatron_minitron.commands.search",
+               "architecture search in a parameter budget: prune, retrain briefly, rank"),
+    "run": ("megatron_minitron.commands.run",
+            "run a whole recipe (correction, importance, search/prune, distill, eval) from YAML"),
 }
 
 

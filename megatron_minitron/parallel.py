@@ -19,6 +19,7 @@ from megatron_minitron.compat.cpu import apply_cpu_patches, cpu_mode
 
 logger = logging.getLogger("megatron_minitron")
 _ADDED_ENV: list = []  # environment variables initialize() set for a single process
+_HOLD = [0]  # > 0 while held_process_group() keeps the default group across stages
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,14 @@ def current_layout() -> Layout:
 
 
 def teardown() -> None:
-    """Destroys mcore's groups and the default process group."""
+    """Destroys mcore's groups and the default process group (kept inside
+    :func:`held_process_group`, where only the model parallel groups go)."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if _HOLD[0]:
+        return
     if dist.is_initialized():
         dist.destroy_process_group()
     for key in _ADDED_ENV:  # child processes must not inherit a stale rendezvous
@@ -114,6 +118,26 @@ def parallel_context(tp: int = 1, pp: int = 1, seed: int = 1234):
         yield layout
     finally:
         teardown()
+
+
+@contextlib.contextmanager
+def held_process_group():
+    """Runs several stages (each initialising and tearing down its own layout) on one default
+    process group, so ranks can meet between stages: ``with held_process_group(): ...``.
+
+    The group is created on entry (from torchrun's environment, or a one-rank group) and
+    destroyed on exit; a stage's teardown() inside only drops mcore's model parallel groups.
+    """
+    outer = dist.is_initialized()
+    if not outer:
+        initialize(1, 1)
+    _HOLD[0] += 1
+    try:
+        yield
+    finally:
+        _HOLD[0] -= 1
+        if not outer:
+            teardown()
 
 
 def rank() -> int:
