@@ -1,0 +1,114 @@
+"""``minitron run``: a whole recipe (teacher correction → importance → search or prune → distill
+→ eval) from one YAML file, under the same processes.
+
+    minitron run examples/smollm2_cpu.yaml
+    minitron run RECIPE.yaml --dry-run            # each step's command line, skipped or not
+    minitron run RECIPE.yaml --only prune,distill  # or --from distill
+    torchrun --nproc-per-node 8 -m megatron_minitron run RECIPE.yaml
+
+The whole recipe is validated first (schema in examples/README.md). Each step runs in this
+process through its command's own parser and ``main``; a step whose output exists is skipped,
+so a re-run continues where the last one stopped (training steps resume mid-run). At the end
+WORKDIR/cost.json and WORKDIR/cost.md hold tokens and FLOPs per step and per produced model
+(:mod:`megatron_minitron.recipe`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict
+
+from megatron_minitron.errors import UsageError
+from megatron_minitron.recipe import (
+    Step,
+    check_inputs,
+    format_cost,
+    load_recipe,
+    parse_step,
+    recipe_cost,
+    select_steps,
+    step_done,
+    write_cost,
+)
+
+
+def add_arguments(parser, name):
+    parser.add_argument("recipe", help="recipe YAML file (schema: examples/README.md)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print each step's command line and whether it would be skipped, "
+                             "and the planned cost; run nothing")
+    parser.add_argument("--only", help="comma-separated step names to run (others are skipped)")
+    parser.add_argument("--from", dest="start", help="start at this step (earlier ones skipped)")
+
+
+def _launch_rank0() -> bool:
+    """Rank 0 of the launch (before any process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _say(line: str) -> None:
+    from megatron_minitron import parallel
+
+    if parallel.is_rank0():
+        print(line, flush=True)
+
+
+def dry_run(recipe, steps) -> None:
+    for step in steps:
+        state = "skip (output exists)" if step_done(step) else "run"
+        print(f"# step {step.name} ({step.stage}): {state}")
+        print(step.command_line())
+    cost = recipe_cost(recipe)
+    if os.path.isdir(recipe.workdir):  # a dry run creates no folders
+        print(write_cost(cost, recipe.workdir))
+    else:
+        print(format_cost(cost))
+        print(f"# {recipe.workdir} does not exist yet: cost.json/cost.md not written")
+
+
+def run_step(step: Step) -> float:
+    """Runs one stage in this process (every rank); returns its seconds."""
+    from megatron_minitron import cli, parallel
+
+    args = parse_step(step)
+    _say(f"== step {step.name}: {step.command_line()}")
+    started = time.perf_counter()
+    try:
+        code = cli._command_module(step.command).main(args)
+    except ValueError as err:  # UsageError and config checks: name the step
+        raise UsageError(f"step {step.name} (minitron {step.command}): {err}") from None
+    if code:
+        raise UsageError(f"step {step.name}: minitron {step.command} exited with {code}")
+    parallel.barrier()
+    seconds = time.perf_counter() - started
+    _say(f"== step {step.name}: done in {seconds:.1f} s")
+    return seconds
+
+
+def main(args) -> int:
+    from megatron_minitron import parallel
+
+    recipe = load_recipe(args.recipe)
+    steps = select_steps(recipe, args.only, args.start)
+    if args.dry_run:
+        if _launch_rank0():
+            dry_run(recipe, steps)
+        return 0
+    check_inputs(recipe, steps)
+    seconds: Dict[str, float] = {}
+    with parallel.held_process_group():
+        if parallel.is_rank0():
+            os.makedirs(recipe.workdir, exist_ok=True)
+        parallel.barrier()
+        for step in steps:
+            done = parallel.broadcast_object(step_done(step) if parallel.is_rank0() else None)
+            if done:
+                _say(f"== step {step.name}: skipped, {step.output} exists")
+                continue
+            seconds[step.name] = run_step(step)
+        if parallel.is_rank0():
+            print(write_cost(recipe_cost(recipe, seconds), recipe.workdir))
+            print(f"cost report: {os.path.join(recipe.workdir, 'cost.md')}")
+        parallel.barrier()
+    return 0
