@@ -6,6 +6,7 @@ through the functions here, so a change in mcore is mended in this file alone.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from typing import Dict, List
 
@@ -18,9 +19,17 @@ from megatron_minitron.config import ModelConfig
 apply_cpu_patches()
 
 from megatron.core import parallel_state  # noqa: E402
+from megatron.core.activations import squared_relu  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.transformer.transformer_block import (  # noqa: E402
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+ACTIVATION_FUNCS = {"swiglu": F.silu, "gelu": F.gelu, "squared_relu": squared_relu}
+"""Our activation name -> mcore's ``activation_func`` (swiglu also sets ``gated_linear_unit``)."""
 
 
 def te_available() -> bool:
@@ -34,14 +43,41 @@ def te_available() -> bool:
     return True
 
 
-def layer_spec(cfg: ModelConfig, use_te: bool):
+class ZeroCenteredLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm whose weight is stored as gamma - 1 and applied as 1 + weight (LayerNorm1P).
+
+    The local spec's norms cannot do this without apex (``WrappedTorchNorm`` refuses
+    ``layernorm_zero_centered_gamma``), so the local spec gets this class for every norm. It
+    keeps the stored weight the same as Transformer Engine's and Hugging Face Nemotron's, so
+    checkpoints move between specs and round-trip to Hugging Face bit for bit.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                 **unused):
+        super().__init__(hidden_size, eps=eps)
+        with torch.no_grad():
+            self.weight.zero_()  # gamma = 1
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(hidden, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
+    """The layer spec, or for a zero-centred LayerNorm on the local spec the block's
+    submodules (its final norm must be replaced too)."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=cfg.normalization)
+    spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
+    if not cfg.layernorm_zero_centered_gamma:
+        return spec
+    norms = dict(input_layernorm=ZeroCenteredLayerNorm, pre_mlp_layernorm=ZeroCenteredLayerNorm)
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=ZeroCenteredLayerNorm)
 
 
 def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
@@ -56,8 +92,9 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         kv_channels=cfg.kv_channels,
         normalization=cfg.normalization,
         layernorm_epsilon=cfg.norm_epsilon,
+        layernorm_zero_centered_gamma=cfg.layernorm_zero_centered_gamma,
         gated_linear_unit=cfg.gated,
-        activation_func=F.silu if cfg.gated else F.gelu,
+        activation_func=ACTIVATION_FUNCS[cfg.activation],
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
         init_method_std=cfg.init_method_std,
@@ -95,9 +132,10 @@ def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
 
 
 def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool) -> GPTModel:
+    config = transformer_config(cfg, params_dtype)
     return GPTModel(
-        config=transformer_config(cfg, params_dtype),
-        transformer_layer_spec=layer_spec(cfg, use_te),
+        config=config,
+        transformer_layer_spec=layer_spec(cfg, use_te, config),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

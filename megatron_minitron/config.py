@@ -1,4 +1,4 @@
-"""Model architecture config for the Llama family, and exact parameter counting."""
+"""Model architecture config (Llama family and Nemotron-4), and exact parameter counting."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "gelu", "squared_relu")
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder-only Llama-family model, stored beside every checkpoint."""
+    """Architecture of a decoder-only GPT model (Llama family, Nemotron-4), stored beside every
+    checkpoint. Fields added later default to the behaviour before them, so older
+    ``minitron_config.json`` files load unchanged."""
 
     num_layers: int = 2
     """Number of transformer layers."""
@@ -32,15 +34,19 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     """Longest sequence the model accepts."""
     normalization: str = "RMSNorm"
-    """RMSNorm or LayerNorm."""
+    """RMSNorm or LayerNorm (LayerNorm has a bias: two vectors per norm)."""
+    layernorm_zero_centered_gamma: bool = False
+    """LayerNorm only: the stored weight is gamma - 1 and the norm scales by 1 + weight
+    (Nemotron's LayerNorm1P, Megatron's ``--apply-layernorm-1p``)."""
     norm_epsilon: float = 1e-5
     """Epsilon of every norm."""
     activation: str = "swiglu"
-    """swiglu (gated SiLU) or gelu (plain MLP)."""
+    """swiglu (gated SiLU: fc1 holds gate and up), or the plain two-matrix MLPs gelu and
+    squared_relu (relu(x)**2, Nemotron-4)."""
     rotary_base: float = 10000.0
     """RoPE base (theta)."""
     rotary_percent: float = 1.0
-    """Fraction of the head dimension rotated."""
+    """Fraction of each head's dimension rotated (its leading channels); 0.5 for Nemotron-4."""
     tie_word_embeddings: bool = True
     """Output layer shares the input embedding."""
     add_bias_linear: bool = False
@@ -75,6 +81,13 @@ class ModelConfig:
             raise ValueError(f"normalization={self.normalization!r}; use one of {NORMALIZATIONS}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation={self.activation!r}; use one of {ACTIVATIONS}")
+        if self.layernorm_zero_centered_gamma and self.normalization != "LayerNorm":
+            raise ValueError(f"layernorm_zero_centered_gamma=True needs normalization='LayerNorm', "
+                             f"not {self.normalization!r}; set one or the other")
+        rotated = int(self.kv_channels * self.rotary_percent)  # how mcore and HF round it
+        if not 0.0 < self.rotary_percent <= 1.0 or rotated <= 0 or rotated % 2:
+            raise ValueError(f"rotary_percent={self.rotary_percent} must be in (0, 1] and rotate "
+                             f"an even number of the kv_channels={self.kv_channels} head channels")
 
     @property
     def gated(self) -> bool:

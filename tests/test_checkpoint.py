@@ -22,7 +22,10 @@ def single_rank():
 def test_config_round_trip_and_exact_parameter_count(single_rank):
     for overrides in ({}, {"tie_word_embeddings": False}, {"activation": "gelu"},
                       {"normalization": "LayerNorm", "add_bias_linear": True},
-                      {"add_qkv_bias": True, "kv_channels": 24}):
+                      {"add_qkv_bias": True, "kv_channels": 24},
+                      {"activation": "squared_relu", "normalization": "LayerNorm",  # Nemotron-4
+                       "layernorm_zero_centered_gamma": True, "rotary_percent": 0.5,
+                       "tie_word_embeddings": False, "num_query_groups": 1}):
         cfg = tiny_config(**overrides)
         assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
         model = adapter.build_gpt_model(cfg)

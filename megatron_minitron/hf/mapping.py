@@ -1,19 +1,27 @@
-"""Hugging Face Llama-family configs and weights <-> our ModelConfig and mcore GPTModel.
+"""Hugging Face configs and weights <-> our ModelConfig and mcore GPTModel.
 
 Supported: ``LlamaForCausalLM`` (Llama 2/3, SmolLM2), ``MistralForCausalLM`` without a sliding
-window, and ``Qwen2ForCausalLM`` (QKV bias, no sliding window). Anything the mcore model cannot
-reproduce exactly raises a one-line :class:`UsageError` naming the value.
+window, ``Qwen2ForCausalLM`` (QKV bias, no sliding window) and ``NemotronForCausalLM``
+(Nemotron-4: squared-ReLU MLP, LayerNorm1P with bias, partial RoPE). Anything the mcore model
+cannot reproduce exactly raises a one-line :class:`UsageError` naming the value.
 
 Weight layout (per layer ``i``, HF names under ``model.layers.{i}``)::
 
-    input_layernorm            <-> input norm
+    input_layernorm            <-> input norm (weight, and bias for LayerNorm)
     self_attn.{q,k,v}_proj     <-> fused QKV, rows query group by group: [q heads, k, v]
     self_attn.o_proj           <-> attention output projection
     post_attention_layernorm   <-> pre-MLP norm
-    mlp.{gate,up}_proj         <-> MLP fc1 = cat[gate, up]
+    mlp.{gate,up}_proj         <-> MLP fc1 = cat[gate, up] (SwiGLU); mlp.up_proj alone when
+                                   the MLP is not gated (Nemotron)
     mlp.down_proj              <-> MLP fc2
 
 plus ``model.embed_tokens``, ``model.norm`` and ``lm_head`` (untied models only).
+
+Nemotron's LayerNorm1P stores gamma - 1 exactly as Megatron does with
+``layernorm_zero_centered_gamma`` (our ``ZeroCenteredLayerNorm`` on the local spec), so norm
+weights are copied unchanged in both directions. Its partial RoPE rotates the leading
+``partial_rotary_factor`` of each head's channels with the half-split convention, the same as
+mcore's ``rotary_percent``.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "NemotronForCausalLM": "nemotron",
 }
 """Supported HF architectures and their ``model_type``."""
 
@@ -73,16 +82,26 @@ def _rope(hf_config, where: str) -> Tuple[float, Dict[str, Any]]:
     return float(10000.0 if theta is None else theta), merged
 
 
+def _partial_rotary(hf_config, rope: Dict[str, Any]) -> float:
+    """Fraction of each head's channels rotated: ``partial_rotary_factor`` from the rope
+    parameters (transformers 5) or the config itself (older releases)."""
+    partial = rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", None))
+    return float(partial or 1.0)
+
+
 def _check_supported(hf_config, arch: str, where: str) -> None:
     """Raises UsageError for features the mcore model here cannot reproduce."""
+    nemotron = arch == "NemotronForCausalLM"
     _, rope = _rope(hf_config, where)
     rope_type = rope.get("rope_type", rope.get("type")) or "default"
     if rope_type != "default":
         raise UsageError(f"{where}: rope_scaling type {rope_type!r} is not supported; only the "
                          "default (unscaled) RoPE maps onto Megatron-Core here")
     act = getattr(hf_config, "hidden_act", "silu")
-    if act != "silu":
-        raise UsageError(f"{where}: hidden_act={act!r} is not supported; only silu (SwiGLU)")
+    expected_act = "relu2" if nemotron else "silu"
+    if act != expected_act:
+        kind = "relu2 (squared ReLU)" if nemotron else "silu (SwiGLU)"
+        raise UsageError(f"{where}: hidden_act={act!r} is not supported for {arch}; only {kind}")
     for name in ("num_local_experts", "num_experts", "n_routed_experts"):
         if getattr(hf_config, name, None):
             raise UsageError(f"{where}: {name}={getattr(hf_config, name)} (mixture of experts) "
@@ -96,21 +115,41 @@ def _check_supported(hf_config, arch: str, where: str) -> None:
     if layer_types != {"full_attention"}:
         raise UsageError(f"{where}: layer_types {sorted(layer_types)} are not supported; only "
                          "full_attention")
-    for name in ("attention_bias", "mlp_bias"):
-        if getattr(hf_config, name, False):
-            raise UsageError(f"{where}: {name}=True is not supported for {arch} (Megatron-Core "
-                             "would add biases to every linear layer)")
-    partial = getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0
-    if float(partial) != 1.0:
-        raise UsageError(f"{where}: partial_rotary_factor={partial} is not supported; only 1.0")
+    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    mlp_bias = bool(getattr(hf_config, "mlp_bias", False))
+    if nemotron and attention_bias != mlp_bias:
+        raise UsageError(f"{where}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is "
+                         "not supported; Megatron-Core puts biases on all linear layers or none")
+    if not nemotron:
+        for name, value in (("attention_bias", attention_bias), ("mlp_bias", mlp_bias)):
+            if value:
+                raise UsageError(f"{where}: {name}=True is not supported for {arch} "
+                                 "(Megatron-Core would add biases to every linear layer)")
+        partial = _partial_rotary(hf_config, rope)
+        if partial != 1.0:
+            raise UsageError(f"{where}: partial_rotary_factor={partial} is not supported for "
+                             f"{arch}; only 1.0")
+
+
+def _family_fields(hf_config, arch: str, rope: Dict[str, Any]) -> Dict[str, Any]:
+    """The ModelConfig fields that differ between the Llama family and Nemotron."""
+    if arch == "NemotronForCausalLM":
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        return dict(normalization="LayerNorm", layernorm_zero_centered_gamma=True,
+                    norm_epsilon=float(hf_config.norm_eps), activation="squared_relu",
+                    rotary_percent=_partial_rotary(hf_config, rope), add_bias_linear=bias,
+                    add_qkv_bias=False)
+    return dict(normalization="RMSNorm", norm_epsilon=float(hf_config.rms_norm_eps),
+                activation="swiglu", add_bias_linear=False,
+                add_qkv_bias=arch == "Qwen2ForCausalLM")
 
 
 def config_from_hf(hf_config, arch: str, where: str) -> ModelConfig:
-    """Maps a transformers Llama/Mistral/Qwen2 config onto our ModelConfig."""
+    """Maps a transformers Llama/Mistral/Qwen2/Nemotron config onto our ModelConfig."""
     _check_supported(hf_config, arch, where)
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    theta, _ = _rope(hf_config, where)
+    theta, rope = _rope(hf_config, where)
     token_ids = {k: getattr(hf_config, k, None) for k in TOKEN_ID_FIELDS}
     try:
         return ModelConfig(
@@ -122,25 +161,32 @@ def config_from_hf(hf_config, arch: str, where: str) -> ModelConfig:
             kv_channels=head_dim,
             vocab_size=hf_config.vocab_size,
             max_position_embeddings=hf_config.max_position_embeddings,
-            normalization="RMSNorm",
-            norm_epsilon=float(hf_config.rms_norm_eps),
-            activation="swiglu",
             rotary_base=theta,
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-            add_bias_linear=False,
-            add_qkv_bias=arch == "Qwen2ForCausalLM",
             init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
             extra={"hf_architecture": arch, "hf_token_ids": token_ids},
+            **_family_fields(hf_config, arch, rope),
         )
     except ValueError as err:
         raise UsageError(f"{where}: {err}") from err
 
 
-def hf_config_from(cfg: ModelConfig, dtype: torch.dtype, token_ids: Optional[Dict] = None):
-    """A transformers LlamaConfig (or Qwen2Config when the QKV projection has a bias) for cfg."""
-    from transformers import LlamaConfig, Qwen2Config
+def nemotron_like(cfg: ModelConfig) -> bool:
+    """True when ``cfg`` is a Nemotron-4 architecture (exported as ``NemotronForCausalLM``)."""
+    return cfg.activation == "squared_relu"
 
+
+def _export_problems(cfg: ModelConfig) -> Tuple[List[str], str]:
+    """(what in ``cfg`` has no HF equivalent, what the chosen HF architecture needs)."""
     problems = []
+    if nemotron_like(cfg):
+        if cfg.normalization != "LayerNorm" or not cfg.layernorm_zero_centered_gamma:
+            problems.append(f"normalization={cfg.normalization} with layernorm_zero_centered_"
+                            f"gamma={cfg.layernorm_zero_centered_gamma}")
+        if cfg.add_qkv_bias and not cfg.add_bias_linear:
+            problems.append("add_qkv_bias=True")
+        return problems, ("Nemotron export needs squared_relu + LayerNorm with "
+                          "layernorm_zero_centered_gamma=True")
     if cfg.normalization != "RMSNorm":
         problems.append(f"normalization={cfg.normalization}")
     if not cfg.gated:
@@ -149,10 +195,19 @@ def hf_config_from(cfg: ModelConfig, dtype: torch.dtype, token_ids: Optional[Dic
         problems.append("add_bias_linear=True")
     if cfg.rotary_percent != 1.0:
         problems.append(f"rotary_percent={cfg.rotary_percent}")
+    return problems, ("export supports RMSNorm + SwiGLU + full RoPE models (Llama/Qwen2) and "
+                      "squared_relu + zero-centred LayerNorm models (Nemotron)")
+
+
+def hf_config_from(cfg: ModelConfig, dtype: torch.dtype, token_ids: Optional[Dict] = None):
+    """A transformers config for cfg: NemotronConfig for squared-ReLU models, Qwen2Config when
+    only the QKV projection has a bias, LlamaConfig otherwise."""
+    from transformers import LlamaConfig, NemotronConfig, Qwen2Config
+
+    problems, fix = _export_problems(cfg)
     if problems:
-        raise UsageError(f"model config {', '.join(problems)} has no Hugging Face Llama/Qwen2 "
-                         "equivalent; export supports RMSNorm + SwiGLU + full RoPE models")
-    qwen2 = cfg.add_qkv_bias
+        raise UsageError(f"model config {', '.join(problems)} has no Hugging Face equivalent; "
+                         f"{fix}")
     ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
     kwargs = dict(
         vocab_size=cfg.vocab_size,
@@ -162,19 +217,25 @@ def hf_config_from(cfg: ModelConfig, dtype: torch.dtype, token_ids: Optional[Dic
         num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_query_groups,
         head_dim=cfg.kv_channels,
-        hidden_act="silu",
         max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.norm_epsilon,
         rope_theta=float(cfg.rotary_base),
         tie_word_embeddings=cfg.tie_word_embeddings,
         initializer_range=cfg.init_method_std,
-        architectures=["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
         **ids,
     )
-    if qwen2:
-        hf_config = Qwen2Config(use_sliding_window=False, **kwargs)
+    if nemotron_like(cfg):
+        hf_config = NemotronConfig(
+            hidden_act="relu2", norm_eps=cfg.norm_epsilon,
+            partial_rotary_factor=cfg.rotary_percent, attention_bias=cfg.add_bias_linear,
+            mlp_bias=cfg.add_bias_linear, architectures=["NemotronForCausalLM"], **kwargs)
+    elif cfg.add_qkv_bias:
+        hf_config = Qwen2Config(hidden_act="silu", rms_norm_eps=cfg.norm_epsilon,
+                                use_sliding_window=False, architectures=["Qwen2ForCausalLM"],
+                                **kwargs)
     else:
-        hf_config = LlamaConfig(attention_bias=False, mlp_bias=False, **kwargs)
+        hf_config = LlamaConfig(hidden_act="silu", rms_norm_eps=cfg.norm_epsilon,
+                                attention_bias=False, mlp_bias=False,
+                                architectures=["LlamaForCausalLM"], **kwargs)
     # transformers 5 names the weight dtype "dtype", older releases "torch_dtype"
     setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", dtype)
     return hf_config
@@ -218,31 +279,45 @@ def _split(kind: str, tensor: torch.Tensor, cfg: ModelConfig) -> List[torch.Tens
     return [tensor]
 
 
+def _norm_slots(hf_name: str, norm, cfg: ModelConfig) -> List[Tuple[str, List[str], torch.Tensor]]:
+    slots = [("copy", [hf_name + ".weight"], norm.weight)]
+    if cfg.normalization == "LayerNorm":
+        slots.append(("copy", [hf_name + ".bias"], norm.bias))
+    return slots
+
+
 def weight_slots(model, cfg: ModelConfig) -> List[Tuple[str, List[str], torch.Tensor]]:
     """``(kind, hf_names, mcore_tensor)`` for every weight of a TP=1, PP=1 local-spec model.
 
     ``kind`` says how the HF tensors combine into the mcore one: "copy", "qkv" or "fc1".
     """
+    bias = cfg.add_bias_linear
+    fc1_kind = "fc1" if cfg.gated else "copy"
+    fc1_names = ["mlp.gate_proj", "mlp.up_proj"] if cfg.gated else ["mlp.up_proj"]
     slots = [("copy", ["model.embed_tokens.weight"], adapter.word_embeddings(model).weight)]
     for layer in adapter.decoder_layers(model):
         i = adapter.layer_global_index(layer)
         hf = f"model.layers.{i}."
         input_norm, pre_mlp_norm = adapter.layer_norms(layer)
         qkv = adapter.attention_qkv(layer)
+        proj = adapter.attention_output_projection(layer)
+        fc1, fc2 = adapter.mlp_fc1(layer), adapter.mlp_fc2(layer)
         attn = [hf + f"self_attn.{p}_proj." for p in "qkv"]
-        slots += [("copy", [hf + "input_layernorm.weight"], input_norm.weight),
-                  ("qkv", [n + "weight" for n in attn], qkv.weight)]
-        if cfg.add_qkv_bias:
+        slots += _norm_slots(hf + "input_layernorm", input_norm, cfg)
+        slots.append(("qkv", [n + "weight" for n in attn], qkv.weight))
+        if cfg.add_qkv_bias or bias:
             slots.append(("qkv", [n + "bias" for n in attn], qkv.bias))
-        slots += [
-            ("copy", [hf + "self_attn.o_proj.weight"],
-             adapter.attention_output_projection(layer).weight),
-            ("copy", [hf + "post_attention_layernorm.weight"], pre_mlp_norm.weight),
-            ("fc1", [hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"],
-             adapter.mlp_fc1(layer).weight),
-            ("copy", [hf + "mlp.down_proj.weight"], adapter.mlp_fc2(layer).weight),
-        ]
-    slots.append(("copy", ["model.norm.weight"], adapter.final_norm(model).weight))
+        slots.append(("copy", [hf + "self_attn.o_proj.weight"], proj.weight))
+        if bias:
+            slots.append(("copy", [hf + "self_attn.o_proj.bias"], proj.bias))
+        slots += _norm_slots(hf + "post_attention_layernorm", pre_mlp_norm, cfg)
+        slots.append((fc1_kind, [hf + n + ".weight" for n in fc1_names], fc1.weight))
+        if bias:
+            slots.append((fc1_kind, [hf + n + ".bias" for n in fc1_names], fc1.bias))
+        slots.append(("copy", [hf + "mlp.down_proj.weight"], fc2.weight))
+        if bias:
+            slots.append(("copy", [hf + "mlp.down_proj.bias"], fc2.bias))
+    slots += _norm_slots("model.norm", adapter.final_norm(model), cfg)
     if not cfg.tie_word_embeddings:
         slots.append(("copy", ["lm_head.weight"], adapter.output_layer(model).weight))
     return slots
