@@ -360,7 +360,7 @@ COMMAND_OF = {"teacher_correction": "correct-teacher", "importance": "importance
               "prune": "prune", "search": "search", "distill": "distill", "eval": "eval"}
 # what "@NAME" means for each stage (examples/README.md)
 OUTPUT_OF = {"teacher_correction": ("{}", "{}/final"), "distill": ("{}", "{}/final"),
-             "importance": ("{}.pt", "{}.pt"), "prune": ("{}", "{}"), "search": ("{}", "{}"),
+             "importance": ("{}.pt", "{}.pt"), "prune": ("{}", "{}"), "search": ("{}", "{}/best"),
              "eval": ("{}.json", "{}.json")}
 
 
@@ -375,50 +375,22 @@ def cli_parser(command):
     return subparsers.choices[command]
 
 
-def long_flags(parser):
-    return {flag for action in parser._actions for flag in action.option_strings}
-
-
 def recipe_argvs(recipe):
-    """(stage, name, argv) per step, following the schema in examples/README.md."""
+    """(stage, name, argv) per step, from the package's recipe parser (examples/README.md)."""
     import yaml
 
+    from megatron_minitron.recipe import load_recipe
+
     data = yaml.safe_load(recipe.read_text())
-    outputs = {"teacher": data["teacher"]}
+    parsed = load_recipe(str(recipe))
     found = []
-    for step in data["steps"]:
-        step = dict(step)
-        stage = step.pop("stage")
-        name = step.pop("name", stage)
-        assert name not in outputs, f"step name {name} is not unique"
-        parser = cli_parser(COMMAND_OF[stage])
-        flags = long_flags(parser) if parser else set()
-        merged = {key: value for key, value in data.get("common", {}).items()
-                  if parser is None or f"--{key.replace('_', '-')}" in flags}
-        merged.update(step)
-        output, reference = OUTPUT_OF[stage]
-        out_path = os.path.join(data["workdir"], output.format(name))
-        merged["json" if stage == "eval" else "output"] = out_path
-        argv = []
-        for key, value in merged.items():
-            flag = f"--{key.replace('_', '-')}"
-            if isinstance(value, str) and value.startswith("@"):
-                assert value[1:] in outputs, f"{name}: {value} is not an earlier step"
-                value = outputs[value[1:]]
-            if value is None:
-                continue
-            if value is True:
-                argv.append(flag)
-            elif value is False:
-                argv.append(f"--no-{key.replace('_', '-')}")
-            elif isinstance(value, dict):
-                argv += [flag, ",".join(f"{k}={v}" for k, v in value.items())]
-            elif isinstance(value, list):
-                argv += [flag, *(os.path.expanduser(str(item)) for item in value)]
-            else:
-                argv += [flag, os.path.expanduser(str(value))]
-        outputs[name] = os.path.join(data["workdir"], reference.format(name))
-        found.append((stage, name, argv))
+    for step in parsed.steps:
+        output, reference = OUTPUT_OF[step.stage]
+        flag = "--json" if step.stage == "eval" else "--output"
+        assert step.argv[step.argv.index(flag) + 1] == os.path.join(data["workdir"],
+                                                                    output.format(step.name))
+        assert step.output == os.path.join(data["workdir"], reference.format(step.name))
+        found.append((step.stage, step.name, step.argv))
     return data, found
 
 
@@ -436,11 +408,15 @@ def test_recipe_steps_are_valid_cli_calls(recipe):
     assert {"name", "workdir", "teacher", "steps"} <= set(data)
     assert [stage for stage, _, _ in steps][-1] == "eval"
     for stage, name, argv in steps:
-        if cli_parser(COMMAND_OF[stage]) is None:  # commands still being written: search, run
-            continue
         args = parse_cli(COMMAND_OF[stage], argv)
         if stage in ("distill", "teacher_correction"):
             assert args.train_tokens > 0 and args.resume in (None, "auto")
+
+
+def test_recipe_stages_match_the_schema():
+    from megatron_minitron.recipe import OUTPUTS, STAGE_COMMANDS
+
+    assert STAGE_COMMANDS == COMMAND_OF and OUTPUTS == OUTPUT_OF
 
 
 def _apply_target(cfg, argv):
