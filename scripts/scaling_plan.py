@@ -70,12 +70,12 @@ def llama31_8b() -> ModelConfig:
 
 
 def nemotron4_15b() -> ModelConfig:
-    # Nemotron-4 uses squared-ReLU; ModelConfig has swiglu/gelu only. "gelu" is the ungated MLP
-    # with the same two matrices, so the parameter count is exact.
+    # squared-ReLU MLP (two matrices), LayerNorm1P with bias, half of each head rotated by RoPE
     return ModelConfig(num_layers=32, hidden_size=6144, ffn_hidden_size=24576,
                        num_attention_heads=48, num_query_groups=8, kv_channels=128,
-                       vocab_size=256000, max_position_embeddings=4096,
-                       tie_word_embeddings=False, normalization="LayerNorm", activation="gelu")
+                       vocab_size=256000, max_position_embeddings=4096, rotary_percent=0.5,
+                       tie_word_embeddings=False, normalization="LayerNorm",
+                       layernorm_zero_centered_gamma=True, activation="squared_relu")
 
 
 MODELS: Dict[str, ModelConfig] = {
@@ -335,7 +335,7 @@ def _models_table() -> List[str]:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for name, cfg in MODELS.items():
         counts = count_parameters(cfg)
-        mlp = "SwiGLU" if cfg.gated else "squared-ReLU (counted as gelu)"
+        mlp = {"swiglu": "SwiGLU", "squared_relu": "squared-ReLU", "gelu": "GeLU"}[cfg.activation]
         lines.append(
             f"| {name} | {cfg.num_layers} | {cfg.hidden_size} | {cfg.num_attention_heads} "
             f"| {cfg.num_query_groups} | {cfg.kv_channels} | {cfg.ffn_hidden_size} | {mlp} "
@@ -394,9 +394,9 @@ def generate() -> str:
         "- bf16 weights on GPU; fp32 gradients (`grad_reduce_in_fp32`) and mcore's distributed "
         "optimizer (fp32 main weights and Adam moments sharded over DP); no activation "
         "recomputation, no sequence parallelism, flash attention (no s² scores).",
-        f"- Nemotron-4 uses squared-ReLU, which `ModelConfig` does not offer yet (swiglu, gelu). "
-        f"Its MLP has the same two matrices as our ungated `gelu` MLP, so the counts below are "
-        f"exact; running these models needs the activation added first.",
+        "- Nemotron-4 models are counted as built (`activation=squared_relu`, two MLP "
+        "matrices; LayerNorm1P with a bias, two vectors per norm; RoPE on half of each head), "
+        "the same `ModelConfig` that `minitron import-hf` makes from `NemotronForCausalLM`.",
         f"- Checkpoints are bf16; streamed pruning reads and writes them at "
         f"{A.checkpoint_io_gbps:.0f} GB/s and takes at most twice a plain streamed copy "
         f"(the bound `bench/prune.py` checks).",
