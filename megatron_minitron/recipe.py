@@ -251,8 +251,8 @@ def _build_step(stage, name, raw, common, workdir, outputs, later, used_common) 
     own = {str(k): v for k, v in raw.items() if k not in ("stage", "name")}
     for key in RUNNER_KEYS:
         if key in own:
-            raise UsageError(f"step {name}: '{key}' is set by the runner "
-                             f"({os.path.join(workdir, OUTPUTS[stage][0].format(name))}); remove it")
+            path = os.path.join(workdir, OUTPUTS[stage][0].format(name))
+            raise UsageError(f"step {name}: '{key}' is set by the runner ({path}); remove it")
     for key, value in own.items():
         words = _flag_words(key, value if value is not None else "x")
         if words[0] not in flags:
@@ -314,8 +314,9 @@ def check_inputs(recipe: Recipe, steps: List[Step]) -> None:
             if ref in made:
                 continue
             if ref == "teacher" and not is_checkpoint(recipe.teacher):
-                raise UsageError(f"teacher {recipe.teacher} is not a checkpoint (no {CONFIG_FILE});"
-                                 f" make it with `minitron import-hf ... --output {recipe.teacher}`")
+                raise UsageError(f"teacher {recipe.teacher} is not a checkpoint (no "
+                                 f"{CONFIG_FILE}); make it with `minitron import-hf ... "
+                                 f"--output {recipe.teacher}`")
             if ref != "teacher" and not step_done(by_name[ref]):
                 raise UsageError(f"step {step.name} reads @{ref} ({by_name[ref].output}), which "
                                  f"does not exist yet; run step {ref} too")
@@ -580,14 +581,15 @@ def format_cost(cost: Dict[str, Any]) -> str:
                      f"{_fmt(row['teacher_params'])} | {_fmt(row['tokens'])} | "
                      f"{_fmt(row['flops'], 'flops')} | {status} |")
     lines += ["", "| model | N | trained tokens | FLOPs (with its ancestors) | from scratch | "
-              "ratio |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+              "scratch ÷ ours |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for model in cost["models"]:
         lines.append(f"| {model['name']} | {_fmt(model['params'])} | {_fmt(model['tokens'])} | "
                      f"{_fmt(model['flops'], 'flops')} | "
                      f"{_fmt(model.get('scratch_flops'), 'flops')} | "
                      f"{_fmt(model.get('ratio'), 'ratio')} |")
     total = cost["total"]
-    lines += ["", f"total: {_fmt(total['tokens'])} tokens, {_fmt(total['flops'], 'flops')} FLOPs"]
+    lines += ["", f"total: {_fmt(total['tokens'])} tokens trained or forwarded, "
+              f"{_fmt(total['flops'], 'flops')} FLOPs"]
     if "ratio_models" in total:
         lines.append(f"from scratch ({_fmt(total['scratch_tokens'])} tokens per model), models "
                      f"only (teacher excluded): {_fmt(total['scratch_flops_models'], 'flops')} "

@@ -24,16 +24,16 @@ TARGET = {"num_layers": 3, "ffn_hidden_size": 64, "num_attention_heads": 2, "num
 
 
 def _make_checkpoint(path, tokenizer_dir):
-    parallel.initialize(1, 1)
-    cfg = tiny_config(vocab_size=320)
-    io.save_checkpoint(adapter.build_gpt_model(cfg), cfg, path, tokenizer_from=tokenizer_dir)
+    with parallel.parallel_context(1, 1):
+        cfg = tiny_config(vocab_size=320)
+        io.save_checkpoint(adapter.build_gpt_model(cfg), cfg, path, tokenizer_from=tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("recipe")
     teacher = str(root / "teacher")
-    spawn(_make_checkpoint, 1, teacher, tiny_tokenizer_dir)
+    _make_checkpoint(teacher, tiny_tokenizer_dir)
     text = root / "corpus.txt"
     text.write_text(tiny_text(4000, seed=5))
     return root, teacher, str(text)
@@ -44,7 +44,7 @@ def _steps(text):
         {"stage": "importance", "load": "@teacher", "text_file": [text], "num_samples": 8,
          "depth_samples": 4, "plot": False},
         {"stage": "prune", "load": "@teacher", "scores": "@importance", "target": dict(TARGET),
-         "depth_metric": "bi"},
+         "depth_metric": "bi", "drop_layers": None},
         {"stage": "distill", "student": "@prune", "teacher": "@teacher", "text_file": [text],
          "train_tokens": 400, "global_batch_size": 4, "lr": 1.0e-3, "min_lr": 1.0e-4},
         {"stage": "eval", "load": "@distill", "text_file": [text], "num_samples": 4},
@@ -178,7 +178,7 @@ def _run_recipe(path):
 def test_two_ranks_share_one_process_group(workspace, tmp_path):
     root, teacher, text = workspace
     workdir = tmp_path / "work"
-    steps = [_steps(text)[0], _steps(text)[1],
+    steps = [dict(_steps(text)[0], depth=False), _steps(text)[1],
              {"stage": "eval", "load": "@prune", "text_file": [text], "num_samples": 4}]
     path = _recipe(tmp_path / "r.yaml", workdir, teacher, steps)
     spawn(_run_recipe, 2, path)  # importance (DP=2) → prune on rank 0 → eval (DP=2)

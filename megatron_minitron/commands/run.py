@@ -10,7 +10,8 @@ The whole recipe is validated first (schema in examples/README.md). Each step ru
 process through its command's own parser and ``main``; a step whose output exists is skipped,
 so a re-run continues where the last one stopped (training steps resume mid-run). At the end
 WORKDIR/cost.json and WORKDIR/cost.md hold tokens and FLOPs per step and per produced model
-(:mod:`megatron_minitron.recipe`).
+(:mod:`megatron_minitron.recipe`); a dry run writes its planned numbers there when WORKDIR exists
+and creates nothing otherwise.
 """
 
 from __future__ import annotations
