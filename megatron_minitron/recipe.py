@@ -473,6 +473,7 @@ def step_cost(step: Step, models: _Models) -> Dict[str, Any]:
         row.update(params=models.params(step.output), tokens=0, flops=0)
     elif step.stage == "search":
         row["params"] = models.params(step.output)
+        row["teacher_params"] = models.params(args.teacher or args.load)
         row["tokens"], row["flops"], row["measured"] = _search_cost(step, args, models)
     else:
         cfg = models.config(args.load)
@@ -529,7 +530,8 @@ def recipe_cost(recipe: Recipe, seconds: Optional[Dict[str, float]] = None) -> D
         model = {"name": step.name, "checkpoint": step.output, "params": params,
                  "steps": lineage,
                  "tokens": _sum(r["tokens"] for r in rows
-                                if r["name"] in lineage and r["stage"] in TRAINING),
+                                if r["name"] in lineage
+                                and r["stage"] in TRAINING + ("search",)),
                  "flops": _sum(flops[name] for name in lineage)}
         if scratch and params is not None:
             model["scratch_flops"] = 6 * params * scratch
