@@ -13,7 +13,7 @@ bad key or value fails before any stage runs.
 Cost (the compute claim of arXiv 2407.14679), with N a model's exact parameter count
 (:func:`megatron_minitron.config.count_parameters`) and T tokens:
 
-- training step (teacher_correction, distill): 6·N_trained·T, plus 2·N_teacher·T for the
+- training step (teacher_correction, distill, train): 6·N_trained·T, plus 2·N_teacher·T for the
   teacher's forward when distilling; T is the tokens actually trained (the final checkpoint's
   meta) or, planned, ``train_tokens`` rounded up to whole steps;
 - importance: 2·N·T with T = num_samples·seq_length for the scoring pass plus
@@ -48,12 +48,14 @@ from megatron_minitron.config import ModelConfig, count_parameters
 from megatron_minitron.errors import UsageError
 
 STAGE_COMMANDS = {"teacher_correction": "correct-teacher", "importance": "importance",
-                  "prune": "prune", "search": "search", "distill": "distill", "eval": "eval"}
+                  "prune": "prune", "search": "search", "distill": "distill", "train": "train",
+                  "eval": "eval"}
 # per stage: (the --output/--json the runner sets, what "@NAME" means), under WORKDIR
 OUTPUTS = {"teacher_correction": ("{}", "{}/final"), "distill": ("{}", "{}/final"),
+           "train": ("{}", "{}/final"),
            "importance": ("{}.pt", "{}.pt"), "prune": ("{}", "{}"), "search": ("{}", "{}/best"),
            "eval": ("{}.json", "{}.json")}
-TRAINING = ("teacher_correction", "distill")
+TRAINING = ("teacher_correction", "distill", "train")
 RECIPE_KEYS = ("name", "workdir", "teacher", "common", "steps", "scratch_tokens")
 RUNNER_KEYS = ("output", "json")  # set by the runner from the step name
 CONFIG_FILE = "minitron_config.json"  # as megatron_minitron.checkpoint.io
@@ -490,9 +492,9 @@ def step_cost(step: Step, models: _Models) -> Dict[str, Any]:
 def _produced_models(recipe: Recipe) -> List[Step]:
     students = set()
     for step in recipe.steps:
-        if step.stage == "distill":
+        if step.stage in ("distill", "train"):
             students.update(step.refs)
-    return [step for step in recipe.steps if step.stage == "distill"
+    return [step for step in recipe.steps if step.stage in ("distill", "train")
             or (step.stage in ("prune", "search") and step.name not in students)]
 
 

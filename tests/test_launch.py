@@ -357,9 +357,11 @@ def test_shellcheck():
 EXAMPLES = ROOT / "examples"
 RECIPES = sorted(EXAMPLES.rglob("*recipe.yaml")) + [EXAMPLES / "smollm2_cpu.yaml"]
 COMMAND_OF = {"teacher_correction": "correct-teacher", "importance": "importance",
-              "prune": "prune", "search": "search", "distill": "distill", "eval": "eval"}
+              "prune": "prune", "search": "search", "distill": "distill", "train": "train",
+              "eval": "eval"}
 # what "@NAME" means for each stage (examples/README.md)
 OUTPUT_OF = {"teacher_correction": ("{}", "{}/final"), "distill": ("{}", "{}/final"),
+             "train": ("{}", "{}/final"),
              "importance": ("{}.pt", "{}.pt"), "prune": ("{}", "{}"), "search": ("{}", "{}/best"),
              "eval": ("{}.json", "{}.json")}
 
