@@ -6,8 +6,8 @@
 #   DRY_RUN=1 bash examples/nemotron4_15b/run.sh       # print the sbatch commands instead
 # The same chain as one recipe: examples/nemotron4_15b/recipe.yaml (launch/slurm/recipe.sbatch).
 #
-# NOT RUNNABLE YET: Nemotron-4 uses squared-ReLU, which ModelConfig does not have (swiglu, gelu),
-# and `minitron import-hf` reads Llama/Mistral/Qwen2 only, so $TEACHER cannot be made yet.
+# $TEACHER comes from `minitron import-hf --hf-path NEMOTRON_4_15B_HF_DIR --output $TEACHER`
+# (squared-ReLU, LayerNorm1P and partial RoPE are supported; see examples/README.md).
 # Targets: Minitron 8B = hidden 4096, MLP 16384, 48 heads, 8 groups, 32 layers (from the 15B);
 # Minitron 4B = hidden 3072, MLP 9216, 24 heads, 8 groups, 32 layers (from the distilled 8B).
 # Both are distilled from the corrected 15B teacher, 94B tokens each. Layouts and expected times
