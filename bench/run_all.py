@@ -115,6 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="smaller inputs (importance and prune write *_quick.json)")
     parser.add_argument("--summary-only", action="store_true",
                         help="run nothing; summarise the existing results")
+    parser.add_argument("--summary", default=SUMMARY,
+                        help="where the summary JSON goes (default bench/results/summary.json)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.only.split(",")] if args.only else list(DEFAULT)
     unknown = [n for n in names if n not in BENCHMARKS]
@@ -130,11 +132,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             runs.append(run_benchmark(name, args.quick))
     rows = collect()
     print(table(rows))
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(SUMMARY + ".tmp", "w") as handle:
+    os.makedirs(os.path.dirname(os.path.abspath(args.summary)), exist_ok=True)
+    with open(args.summary + ".tmp", "w") as handle:
         json.dump({"runs": runs, "results": rows}, handle, indent=2)
-    os.replace(SUMMARY + ".tmp", SUMMARY)
-    print(f"wrote {SUMMARY}")
+    os.replace(args.summary + ".tmp", args.summary)
+    print(f"wrote {args.summary}")
     failed = [run["benchmark"] for run in runs if run.get("returncode")]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
