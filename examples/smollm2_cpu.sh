@@ -1,36 +1,76 @@
 #!/usr/bin/env bash
-# SmolLM2-135M on CPU: import, score, prune to about half its parameters, evaluate.
+# SmolLM2-135M on CPU, end to end: fetch the offline assets, import the model, then the recipe
+# examples/smollm2_cpu.yaml (importance on Linux-doc admin-guide, prune to about half the
+# parameters, distill briefly from the unpruned model, evaluate teacher, pruned and distilled),
+# then the before/after table and plots (python -m megatron_minitron.report).
 #   bash examples/smollm2_cpu.sh            (WORK=outputs/smollm2 by default)
 # Environment: WORK (output folder), SAMPLES (calibration samples), SEQ (sequence length),
-# DEPTH_SAMPLES (samples for the layer perplexity/BI passes), NPROC (ranks), TP, PP.
+# DEPTH_SAMPLES (samples for the layer perplexity/BI passes), TOKENS (distillation tokens),
+# LIMIT (items per zero-shot task), NPROC (ranks), TP, PP; DRY_RUN=1 prints the commands and
+# the recipe's steps only. A re-run skips every finished step.
+# Outputs in WORK: summary.md/.json (the table), metrics.png, distill_loss.png, importance.png,
+# cost.md, recipe.yaml (the recipe as run), eval_*.json, teacher/, prune/, distill/final/.
 set -euo pipefail
 
 WORK=${WORK:-outputs/smollm2}
 SAMPLES=${SAMPLES:-64}
 SEQ=${SEQ:-256}
 DEPTH_SAMPLES=${DEPTH_SAMPLES:-16}
+TOKENS=${TOKENS:-12288}
+LIMIT=${LIMIT:-50}
 NPROC=${NPROC:-1}
 TP=${TP:-1}
 PP=${PP:-1}
-mkdir -p "$WORK"
+DRY_RUN=${DRY_RUN:-0}
+RECIPE=$(dirname "$0")/smollm2_cpu.yaml
 
-run() { torchrun --standalone --nproc-per-node "$NPROC" -m megatron_minitron "$@"; }
+do_or_print() { if [ "$DRY_RUN" = 1 ]; then echo "$*"; else "$@"; fi; }
 
-python -m megatron_minitron.assets smollm2 linux_doc
-DOCS=$(python -c "from megatron_minitron import assets; print(assets.linux_doc())")
-MODEL=$(python -c "from megatron_minitron import assets; d, f = assets.smollm2(); print(d)")
+start=$SECONDS
+do_or_print python -m megatron_minitron.assets smollm2 linux_doc eval_sets
+ASSETS=$(python -c "from megatron_minitron import assets; print(assets.asset_root())")
+MODEL=$ASSETS/smollm2-135m
 
+if [ "$DRY_RUN" = 1 ]; then
+  RUN_RECIPE=$(mktemp --suffix .yaml)
+else
+  mkdir -p "$WORK"
+  RUN_RECIPE=$WORK/recipe.yaml
+fi
 if [ ! -f "$WORK/teacher/minitron_config.json" ]; then
-  minitron import-hf --hf-path "$MODEL" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+  do_or_print minitron import-hf --hf-path "$MODEL" --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
     --output "$WORK/teacher"
 fi
-run importance --load "$WORK/teacher" --text-file "$DOCS/admin-guide" \
-  --num-samples "$SAMPLES" --seq-length "$SEQ" --micro-batch-size 4 \
-  --depth-samples "$DEPTH_SAMPLES" --output "$WORK/scores.pt" --tp "$TP" --pp "$PP"
-minitron prune --load "$WORK/teacher" --scores "$WORK/scores.pt" \
-  --target hidden_size=384,ffn_hidden_size=1024,num_attention_heads=6,num_query_groups=3 \
-  --output "$WORK/pruned"
-for name in teacher pruned; do
-  run eval --load "$WORK/$name" --text-file "$DOCS/filesystems" --seq-length "$SEQ" \
-    --num-samples 32 --micro-batch-size 4 --json "$WORK/eval_$name.json" --tp "$TP" --pp "$PP"
-done
+
+# The recipe as run: WORK, the asset folder and the settings above filled in.
+WORK="$WORK" ASSETS="$ASSETS" SAMPLES="$SAMPLES" SEQ="$SEQ" DEPTH_SAMPLES="$DEPTH_SAMPLES" \
+TOKENS="$TOKENS" LIMIT="$LIMIT" TP="$TP" PP="$PP" python - "$RECIPE" "$RUN_RECIPE" <<'EOF'
+import os, sys, yaml
+
+source, target = sys.argv[1:]
+env = os.environ
+data = yaml.safe_load(open(source))
+data.update(workdir=env["WORK"], teacher=os.path.join(env["WORK"], "teacher"))
+data["common"].update(seq_length=int(env["SEQ"]))
+if (env["TP"], env["PP"]) != ("1", "1"):
+    data["common"].update(tp=int(env["TP"]), pp=int(env["PP"]))
+settings = {"importance": {"num_samples": "SAMPLES", "depth_samples": "DEPTH_SAMPLES"},
+            "distill": {"train_tokens": "TOKENS"}, "eval": {"limit": "LIMIT"}}
+for step in data["steps"]:
+    for key, name in settings.get(step["stage"], {}).items():
+        step[key] = int(env[name])
+    if "text_file" in step:
+        step["text_file"] = [path.replace("~/.cache/megatron_minitron", env["ASSETS"])
+                             for path in step["text_file"]]
+with open(target, "w") as handle:
+    yaml.safe_dump(data, handle, sort_keys=False)
+EOF
+
+if [ "$DRY_RUN" = 1 ]; then
+  minitron run "$RUN_RECIPE" --dry-run
+  rm -f "$RUN_RECIPE"
+  exit 0
+fi
+torchrun --standalone --nproc-per-node "$NPROC" -m megatron_minitron run "$RUN_RECIPE"
+python -m megatron_minitron.report "$RUN_RECIPE"
+echo "wall time: $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s"

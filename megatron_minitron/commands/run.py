@@ -12,6 +12,10 @@ so a re-run continues where the last one stopped (training steps resume mid-run)
 WORKDIR/cost.json and WORKDIR/cost.md hold tokens and FLOPs per step and per produced model
 (:mod:`megatron_minitron.recipe`); a dry run writes its planned numbers there when WORKDIR exists
 and creates nothing otherwise.
+
+On a terminal a live bar shows the recipe's step i/n and the running step's name, with each
+stage's own bar beneath it (:mod:`megatron_minitron.progress`; ``MINITRON_PROGRESS=1`` forces the
+bars under a pipe, ``0`` turns them off).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import time
 from typing import Dict
 
+from megatron_minitron import progress
 from megatron_minitron.errors import UsageError
 from megatron_minitron.recipe import (
     Step,
@@ -52,7 +57,7 @@ def _say(line: str) -> None:
     from megatron_minitron import parallel
 
     if parallel.is_rank0():
-        print(line, flush=True)
+        progress.write(line)
 
 
 def dry_run(recipe, steps) -> None:
@@ -102,12 +107,20 @@ def main(args) -> int:
         if parallel.is_rank0():
             os.makedirs(recipe.workdir, exist_ok=True)
         parallel.barrier()
-        for step in steps:
-            done = parallel.broadcast_object(step_done(step) if parallel.is_rank0() else None)
-            if done:
-                _say(f"== step {step.name}: skipped, {step.output} exists")
-                continue
-            seconds[step.name] = run_step(step)
+        overall = progress.bar(total=len(steps), desc=f"recipe {recipe.name}", leave=True,
+                               unit="step")
+        with progress.lines_above_bars(progress.enabled()):
+            for index, step in enumerate(steps, 1):
+                overall.set_description(f"recipe {recipe.name} [{index}/{len(steps)} "
+                                        f"{step.name}]")
+                done = parallel.broadcast_object(step_done(step) if parallel.is_rank0() else None)
+                if done:
+                    _say(f"== step {step.name}: skipped, {step.output} exists")
+                else:
+                    seconds[step.name] = run_step(step)
+                overall.update()
+        overall.set_description(f"recipe {recipe.name}")
+        overall.close()
         if parallel.is_rank0():
             print(write_cost(recipe_cost(recipe, seconds), recipe.workdir))
             print(f"cost report: {os.path.join(recipe.workdir, 'cost.md')}")

@@ -1,5 +1,6 @@
-"""Rank-0 progress of a run: a console line, ``OUTPUT/log.jsonl`` and (when the ``tensorboard``
-package is installed) TensorBoard scalars."""
+"""Rank-0 progress of a run: a live bar over the steps (on a terminal; see
+:mod:`megatron_minitron.progress`), a console line every ``log_interval`` steps,
+``OUTPUT/log.jsonl`` and (when the ``tensorboard`` package is installed) TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from typing import Dict, Optional
 
 from megatron_minitron import parallel
+from megatron_minitron import progress as bars
 from megatron_minitron.distill import state
 
 
@@ -38,6 +40,8 @@ class ProgressLog:
         self.active = parallel.is_rank0()
         self.path = os.path.join(config.output, state.LOG_FILE)
         self.writer = self._tensorboard() if self.active else None
+        self.bar = bars.bar(total=total_steps, initial=start_step,
+                            desc="distill" if config.distilling else "train", unit="step")
 
     def _tensorboard(self):
         folder = self.config.tensorboard_dir
@@ -63,16 +67,19 @@ class ProgressLog:
             for name in ("loss", "kd", "ce", "is", "lr", "grad_norm"):
                 if report.get(name) is not None:
                     self.writer.add_scalar(f"train/{name}", report[name], step)
+        mean = self.step_seconds / self.steps_timed
+        self.bar.set_postfix_str(f"loss {report['loss']:.4f} | "
+                                 f"{self.tokens_per_step / mean:,.0f} tok/s", refresh=False)
+        self.bar.update(step - self.bar.n)
         if step % self.config.log_interval and step != self.total_steps:
             return
-        mean = self.step_seconds / self.steps_timed
         eta = datetime.timedelta(seconds=round(mean * (self.total_steps - step)))
         grad_norm = report.get("grad_norm")
-        print(f"step {step}/{self.total_steps} | loss {report['loss']:.4f} "
-              f"({_format_parts(report, self.config.distilling, bool(self.config.intermediate))})"
-              f" | lr {report['lr']:.3e} | grad norm "
-              f"{grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | "
-              f"{self.tokens_per_step / mean:,.0f} tok/s | ETA {eta}", flush=True)
+        parts = _format_parts(report, self.config.distilling, bool(self.config.intermediate))
+        bars.write(f"step {step}/{self.total_steps} | loss {report['loss']:.4f} ({parts})"
+                   f" | lr {report['lr']:.3e} | grad norm "
+                   f"{grad_norm if grad_norm is None else f'{grad_norm:.3f}'} | "
+                   f"{self.tokens_per_step / mean:,.0f} tok/s | ETA {eta}")
 
     def validation(self, step: int, report: Optional[Dict[str, float]]) -> None:
         if not self.active or report is None:
@@ -81,10 +88,11 @@ class ProgressLog:
         if self.writer is not None:
             for name in ("loss", "kd", "ce", "is"):
                 self.writer.add_scalar(f"valid/{name}", report[name], step)
-        print(f"validation at step {step} | loss {report['loss']:.4f} "
-              f"({_format_parts(report, self.config.distilling, bool(self.config.intermediate))})"
-              f" | {report['tokens']} tokens", flush=True)
+        parts = _format_parts(report, self.config.distilling, bool(self.config.intermediate))
+        bars.write(f"validation at step {step} | loss {report['loss']:.4f} ({parts}) | "
+                   f"{report['tokens']} tokens")
 
     def close(self) -> None:
+        self.bar.close()
         if self.writer is not None:
             self.writer.close()

@@ -8,8 +8,10 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 
-from megatron_minitron import adapter
+from megatron_minitron import adapter, progress
 from megatron_minitron.model.forward import broadcast_from_last_stage, pipeline_forward
+
+RUN_LENGTH = 8  # micro-batches per pipeline call per stage when pipelined (the bar moves between)
 
 
 def lm_loss(model, micro_batches: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
@@ -25,7 +27,16 @@ def lm_loss(model, micro_batches: List[Dict[str, torch.Tensor]]) -> Dict[str, fl
         mask = torch.ones_like(token_loss) if mask is None else mask.to(token_loss.dtype)
         return {"sum": (token_loss.double() * mask.double()).sum(), "count": mask.double().sum()}
 
-    outputs = pipeline_forward(model, micro_batches, collect, with_labels=True)
+    pp = dist.get_world_size(adapter.get_pp_group()) if dist.is_initialized() else 1
+    run = 1 if pp == 1 else RUN_LENGTH * pp
+    outputs = [] if adapter.is_last_stage() else None
+    with progress.bar(total=len(micro_batches), desc="lm loss", unit="batch") as bar:
+        for start in range(0, len(micro_batches), run):
+            part = pipeline_forward(model, micro_batches[start:start + run], collect,
+                                    with_labels=True)
+            if part is not None:
+                outputs = outputs + part
+            bar.update(len(micro_batches[start:start + run]))
     totals = None
     if outputs is not None:
         totals = torch.stack([torch.stack([o["sum"], o["count"]]) for o in outputs]).sum(0)

@@ -21,7 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_minitron import adapter
+from megatron_minitron import adapter, progress
 from megatron_minitron.model.forward import broadcast_from_last_stage, pipeline_forward
 from megatron_minitron.parallel import log_rank0
 
@@ -158,18 +158,24 @@ def continuation_scores(logits: torch.Tensor, batch: Dict[str, torch.Tensor]
 
 
 class _Progress:
-    """Logs on rank 0 each time another tenth of its micro-batches is done."""
+    """A live bar on a terminal; otherwise a rank-0 log line each time another tenth of its
+    micro-batches is done."""
 
     def __init__(self, total: int):
         self.total, self.done, self.reported, self.start = total, 0, 0, time.perf_counter()
+        self.bar = progress.bar(total=total, desc="tasks", unit="batch")
 
     def advance(self, count: int) -> None:
         self.done += count
+        self.bar.update(count)
         tenth = self.done * 10 // max(self.total, 1)
-        if tenth > self.reported and self.total >= 20:
+        if tenth > self.reported and self.total >= 20 and self.bar.disable:
             self.reported = tenth
             log_rank0(f"scored {self.done}/{self.total} micro-batches "
                       f"({time.perf_counter() - self.start:.0f} s)")
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _same_shape_runs(batches: List[Dict[str, torch.Tensor]],
@@ -213,15 +219,16 @@ def score_requests(model, requests: Sequence[Request], max_length: int,
     table = None
     if adapter.is_last_stage():
         table = torch.zeros(len(requests), 2, dtype=torch.float64)  # [N, (logprob, greedy)]
-    progress = _Progress(len(mine))
+    tracker = _Progress(len(mine))
     for start, end in _same_shape_runs(batches):
         outputs = pipeline_forward(model, batches[start:end], continuation_scores)
-        progress.advance(end - start)
+        tracker.advance(end - start)
         if outputs is None:
             continue
         for indices, scores in zip(mine[start:end], outputs):
             table[indices, 0] = scores["logprob"]
             table[indices, 1] = scores["greedy"].double()
+    tracker.close()
     if table is not None:
         if dist.is_initialized() and dp_size > 1:  # one rank holds each entry: the sum is exact
             from megatron_minitron.parallel import device

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-from tqdm import tqdm
 
-from megatron_minitron import parallel
+from megatron_minitron import parallel, progress
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.errors import UsageError
 from megatron_minitron.importance.aggregation import Aggregation
@@ -45,8 +44,7 @@ class ImportanceConfig:
 
 
 def _progress(total: int, desc: str):
-    return tqdm(total=total, desc=desc, disable=not parallel.is_rank0(), dynamic_ncols=True,
-                leave=False)
+    return progress.bar(total=total, desc=desc, unit="batch")
 
 
 def estimate_importance(model, cfg: ModelConfig, micro_batches: List[Dict[str, torch.Tensor]],

@@ -1,0 +1,127 @@
+"""Live progress bars (tqdm) on rank 0.
+
+    from megatron_minitron import progress
+    with progress.bar(total=len(batches), desc="eval") as bar:
+        for batch in batches:
+            ...
+            bar.update()
+    progress.write("step 4/8 | loss 3.1")   # a line that does not tear a live bar
+
+Bars go to stderr on rank 0 only. ``MINITRON_PROGRESS`` decides when they show: unset (the
+default) — only where stderr is a terminal (tqdm's ``disable=None``), so logs, pipes and tests
+get none; ``1`` — always; ``0`` — never. Everything a bar replaces (step lines, log.jsonl) is
+still written, so a run without bars reports the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+from tqdm import tqdm
+
+ENV = "MINITRON_PROGRESS"
+
+
+def _rank0() -> bool:
+    from megatron_minitron import parallel
+
+    return parallel.is_rank0()
+
+
+def _disable():
+    """tqdm's ``disable``: True off rank 0 or when turned off, None (terminal only) by default."""
+    setting = os.environ.get(ENV, "").strip().lower()
+    if not _rank0() or setting in ("0", "false", "no", "off"):
+        return True
+    if setting in ("1", "true", "yes", "on"):
+        return False
+    return None
+
+
+def enabled() -> bool:
+    """Whether a bar made now would show."""
+    disable = _disable()
+    if disable is None:
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return not disable
+
+
+def _width(stream) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return -1
+
+
+def bar(total=None, desc: str = "", leave: bool = False, **kwargs) -> tqdm:
+    """A rank-0 bar (a no-op object elsewhere or when bars are off)."""
+    if _width(sys.stderr) == 0:  # a terminal that reports no size (under `script`): tqdm
+        kwargs.setdefault("ncols", 100)  # would draw nothing
+        kwargs.setdefault("nrows", 24)
+    else:
+        kwargs.setdefault("dynamic_ncols", True)
+    return tqdm(total=total, desc=desc, disable=_disable(), leave=leave, file=sys.stderr,
+                **kwargs)
+
+
+def live() -> bool:
+    """Whether some bar is on screen now."""
+    return any(not getattr(instance, "disable", True) for instance in list(tqdm._instances))
+
+
+def _print_above(stream, line: str) -> None:
+    with tqdm.external_write_mode(file=sys.stderr):  # clears the bars, redraws them after
+        stream.write(line + "\n")
+        stream.flush()
+
+
+def write(line: str) -> None:
+    """Prints one line to stdout; above the bars when some are live."""
+    if live() and not isinstance(sys.stdout, _LineWriter):
+        _print_above(sys.stdout, line)
+    else:
+        print(line, flush=True)
+
+
+class _LineWriter:
+    """stdout stand-in that prints whole lines above the bars."""
+
+    def __init__(self, stream):
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        while "\n" in self.pending:
+            line, self.pending = self.pending.split("\n", 1)
+            _print_above(self.stream, line)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            _print_above(self.stream, self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def lines_above_bars(active: bool = True):
+    """While bars show: ``print`` and console logging go above them instead of through them."""
+    if not active:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    writer = _LineWriter(sys.stdout)
+    with contextlib.redirect_stdout(writer), logging_redirect_tqdm():
+        try:
+            yield
+        finally:
+            writer.flush()
