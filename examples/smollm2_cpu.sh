@@ -5,7 +5,8 @@
 # then the before/after table and plots (python -m megatron_minitron.report).
 #   bash examples/smollm2_cpu.sh            (WORK=outputs/smollm2 by default)
 # Environment: WORK (output folder), SAMPLES (calibration samples), SEQ (sequence length),
-# DEPTH_SAMPLES (samples for the layer perplexity/BI passes), TOKENS (distillation tokens),
+# DEPTH_SAMPLES (set: also layer perplexity/BI on that many samples, a forward per layer each),
+# TOKENS (distillation tokens),
 # LIMIT (items per zero-shot task), NPROC (ranks), TP, PP; DRY_RUN=1 prints the commands and
 # the recipe's steps only. A re-run skips every finished step.
 # Outputs in WORK: summary.md/.json (the table), metrics.png, distill_loss.png, importance.png,
@@ -13,9 +14,9 @@
 set -euo pipefail
 
 WORK=${WORK:-outputs/smollm2}
-SAMPLES=${SAMPLES:-64}
+SAMPLES=${SAMPLES:-32}
 SEQ=${SEQ:-256}
-DEPTH_SAMPLES=${DEPTH_SAMPLES:-16}
+DEPTH_SAMPLES=${DEPTH_SAMPLES:-}
 TOKENS=${TOKENS:-12288}
 LIMIT=${LIMIT:-50}
 NPROC=${NPROC:-1}
@@ -54,9 +55,12 @@ data.update(workdir=env["WORK"], teacher=os.path.join(env["WORK"], "teacher"))
 data["common"].update(seq_length=int(env["SEQ"]))
 if (env["TP"], env["PP"]) != ("1", "1"):
     data["common"].update(tp=int(env["TP"]), pp=int(env["PP"]))
-settings = {"importance": {"num_samples": "SAMPLES", "depth_samples": "DEPTH_SAMPLES"},
-            "distill": {"train_tokens": "TOKENS"}, "eval": {"limit": "LIMIT"}}
+settings = {"importance": {"num_samples": "SAMPLES"}, "distill": {"train_tokens": "TOKENS"},
+            "eval": {"limit": "LIMIT"}}
 for step in data["steps"]:
+    if step["stage"] == "importance" and env["DEPTH_SAMPLES"]:
+        step.pop("depth", None)
+        step["depth_samples"] = int(env["DEPTH_SAMPLES"])
     for key, name in settings.get(step["stage"], {}).items():
         step[key] = int(env[name])
     if "text_file" in step:

@@ -176,7 +176,8 @@ def plot_training(log: Dict[str, List[Dict[str, float]]], path: str, title: str)
     train, valid = log["train"], log["valid"]
     curves = [("loss", "train loss", "C0")]
     if any(abs(r.get("ce", r["loss"]) - r["loss"]) > 1e-9 for r in train + valid):
-        curves.append(("ce", "train cross-entropy", "C1"))
+        curves = [("loss", "train loss (objective)", "C0"),
+                  ("ce", "train cross-entropy", "C1")]
     for key, label, color in curves:
         if train:
             ax.plot([r["tokens_seen"] for r in train], [r[key] for r in train], color=color,
