@@ -46,6 +46,7 @@ from typing import Any, Dict, List, Optional
 
 from megatron_minitron.config import ModelConfig, count_parameters
 from megatron_minitron.errors import UsageError
+from megatron_minitron.files import read_json
 
 STAGE_COMMANDS = {"teacher_correction": "correct-teacher", "importance": "importance",
                   "prune": "prune", "search": "search", "distill": "distill", "train": "train",
@@ -327,17 +328,9 @@ def check_inputs(recipe: Recipe, steps: List[Step]) -> None:
 
 # ----------------------------------------------------------------------------- cost
 
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
-
 def checkpoint_info(path: str) -> Optional[Dict[str, Any]]:
     """``minitron_config.json`` of a checkpoint (model config and meta), or None."""
-    return _read_json(os.path.join(path, CONFIG_FILE)) if is_checkpoint(path) else None
+    return read_json(os.path.join(path, CONFIG_FILE)) if is_checkpoint(path) else None
 
 
 class _Models:
@@ -411,7 +404,7 @@ def _importance_tokens(args, cfg: Optional[ModelConfig]) -> Optional[int]:
 def _eval_tokens(step: Step, args) -> tuple:
     """(tokens, measured) of the LM-loss text; 0 for tasks only, None when the plan cannot
     tell (every window of the data, --num-samples unset)."""
-    result = _read_json(step.output)
+    result = read_json(step.output)
     if result is not None:
         return _times(result["samples"], result["seq_length"]) if "samples" in result else 0, True
     if not (args.text_file or args.data_prefix):
@@ -423,7 +416,7 @@ def _search_cost(step: Step, args, models: _Models) -> tuple:
     """(tokens, flops, measured) of a search: each candidate's retraining, read from the
     search's search.json when present, else planned from its space and budget."""
     teacher = models.params(args.teacher or args.load)
-    report = _read_json(os.path.join(os.path.dirname(step.output), "search.json"))
+    report = read_json(os.path.join(os.path.dirname(step.output), "search.json"))
     if report is not None:
         runs = [(c["params"], int(c.get("retrain_tokens") or 0))
                 for c in report.get("candidates", [])]

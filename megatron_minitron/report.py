@@ -26,17 +26,10 @@ from typing import Any, Dict, List, Optional
 
 from megatron_minitron.config import ModelConfig, count_parameters
 from megatron_minitron.errors import UsageError
+from megatron_minitron.files import read_json
 from megatron_minitron.recipe import TRAINING, checkpoint_info, load_recipe, parse_step
 
 RECIPE_IN_WORKDIR = "recipe.yaml"
-
-
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
 
 
 def _params(checkpoint: str) -> Optional[int]:
@@ -52,7 +45,7 @@ def model_rows(recipe) -> List[Dict[str, Any]]:
     for step in recipe.steps:
         if step.stage != "eval":
             continue
-        result = _read_json(step.output)
+        result = read_json(step.output)
         if result is None:
             continue
         load = parse_step(step).load
@@ -93,7 +86,7 @@ def read_log(path: str) -> Dict[str, List[Dict[str, float]]]:
 
 def build_summary(recipe) -> Dict[str, Any]:
     """Rows, cost and the plot files (existing ones only; :func:`write_report` makes them)."""
-    cost = _read_json(os.path.join(recipe.workdir, "cost.json"))
+    cost = read_json(os.path.join(recipe.workdir, "cost.json"))
     summary: Dict[str, Any] = {"recipe": recipe.name, "workdir": recipe.workdir,
                                "models": model_rows(recipe), "cost": None, "seconds": {},
                                "importance_plots": [], "training_logs": {}}

@@ -17,11 +17,12 @@ zero-shot tasks. Figures go to docs/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
+
+from megatron_minitron.files import read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH = {"hidden_size": 384, "ffn_hidden_size": 1024, "num_attention_heads": 6,
@@ -160,14 +161,6 @@ def _minitron_python(*argv):
 # ---------------------------------------------------------------------- the page
 
 
-def _json(path):
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
-
-
 def _log(run_dir):
     from megatron_minitron.search import read_log
 
@@ -200,7 +193,7 @@ class Page:
         os.makedirs(self.figures, exist_ok=True)
 
     def eval(self, name):
-        return _json(os.path.join(self.work, f"eval_{name}.json")) or {}
+        return read_json(os.path.join(self.work, f"eval_{name}.json")) or {}
 
     def loss(self, name):
         return self.eval(name).get("loss")
@@ -262,7 +255,7 @@ class Page:
 
 def write_page(work: str, args) -> str:
     page = Page(work, args)
-    recipe = _json(os.path.join(work, "cost.json")) or {}
+    recipe = read_json(os.path.join(work, "cost.json")) or {}
     tokens = args.tokens
     page.add("# Results on SmolLM2-135M", "",
              f"Produced by `python scripts/results.py --tokens {tokens} --limit {args.limit}` "
@@ -369,7 +362,7 @@ def write_page(work: str, args) -> str:
 
     # (6) search
     page.add("## 6. Search: ranking before and after short retraining", "")
-    search = _json(os.path.join(work, "search", "search.json"))
+    search = read_json(os.path.join(work, "search", "search.json"))
     if search:
         rows = [[r["name"], _fmt(r["params"] / 1e6, 2), r["zero_shot_loss"],
                  r["zero_shot_rank"], r["retrained_loss"], r["rank"]] for r in search["table"]]

@@ -22,6 +22,7 @@ import torch
 from megatron_minitron import adapter, parallel
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.errors import UsageError
+from megatron_minitron.files import write_json_atomic
 
 CONFIG_FILE = "minitron_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -88,15 +89,6 @@ def load_config(path: str) -> ModelConfig:
     return ModelConfig.from_dict(read_checkpoint_info(path)["model"])
 
 
-def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def finalize_checkpoint_dir(tmp: str, path: str, cfg: ModelConfig, meta: Optional[Dict[str, Any]],
                             tokenizer_from: Optional[str], saved_layout: Dict[str, Any]) -> None:
     """Adds config and tokenizer to the fully written ``tmp`` and renames it to ``path``.
@@ -108,7 +100,7 @@ def finalize_checkpoint_dir(tmp: str, path: str, cfg: ModelConfig, meta: Optiona
         shutil.copytree(source, os.path.join(tmp, TOKENIZER_DIR))
     info = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(),
             "meta": dict(meta or {}, saved_layout=saved_layout)}
-    _write_json_atomic(os.path.join(tmp, CONFIG_FILE), info)
+    write_json_atomic(os.path.join(tmp, CONFIG_FILE), info)
     old = f"{path}.old"
     if os.path.exists(path):
         if os.path.exists(old):

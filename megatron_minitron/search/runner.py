@@ -36,6 +36,7 @@ from megatron_minitron import parallel
 from megatron_minitron.checkpoint.io import is_checkpoint
 from megatron_minitron.distill.config import TrainConfig
 from megatron_minitron.errors import UsageError
+from megatron_minitron.files import read_json, write_json_atomic
 from megatron_minitron.search.space import (
     Candidate,
     enumerate_candidates,
@@ -67,21 +68,6 @@ class SearchSettings:
 
     def teacher_path(self) -> str:
         return self.teacher or self.load
-
-
-def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _read_json(path: str) -> Optional[Any]:
-    try:
-        with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
 
 
 class Search:
@@ -159,7 +145,7 @@ class Search:
     def _check_output(self) -> None:
         path = os.path.join(self.settings.output, CONFIG_FILE)
         if os.path.isdir(self.settings.output) and os.listdir(self.settings.output):
-            saved = _read_json(path)
+            saved = read_json(path)
             if saved is None:
                 raise UsageError(f"--output {self.settings.output} exists and holds no search "
                                  f"({CONFIG_FILE}); choose a new or empty directory")
@@ -176,7 +162,7 @@ class Search:
     def run(self) -> Dict[str, Any]:
         if parallel.is_rank0():
             os.makedirs(os.path.join(self.settings.output, "candidates"), exist_ok=True)
-            _write_json(os.path.join(self.settings.output, CONFIG_FILE), self.identity())
+            write_json_atomic(os.path.join(self.settings.output, CONFIG_FILE), self.identity())
             print(f"search: {len(self.candidates)} candidates within {self.budget}", flush=True)
         results = []
         with parallel.held_process_group():
@@ -192,7 +178,7 @@ class Search:
 
     def _candidate(self, candidate: Candidate) -> Dict[str, Any]:
         result_path = self._dir(candidate, RESULT_FILE)
-        done = parallel.broadcast_object(_read_json(result_path) if parallel.is_rank0() else None)
+        done = parallel.broadcast_object(read_json(result_path) if parallel.is_rank0() else None)
         if done is not None:
             return done
         pruned = self._dir(candidate, "pruned")
@@ -206,7 +192,7 @@ class Search:
         parallel.barrier()
         result = self._train(candidate, pruned)
         if parallel.is_rank0():
-            _write_json(result_path, result)
+            write_json_atomic(result_path, result)
         parallel.barrier()
         return result
 
@@ -219,12 +205,12 @@ class Search:
         trainer = Trainer(config, mode=self._mode())
         try:
             trainer.setup()
-            zero = parallel.broadcast_object(_read_json(zero_path) if parallel.is_rank0()
+            zero = parallel.broadcast_object(read_json(zero_path) if parallel.is_rank0()
                                              else None)
             if zero is None:
                 zero = trainer.evaluate()
                 if parallel.is_rank0():
-                    _write_json(zero_path, zero)
+                    write_json_atomic(zero_path, zero)
             if self.settings.retrain:
                 trainer.run()
         finally:
@@ -315,7 +301,7 @@ def write_summary(settings: SearchSettings, budget: str,
                "ranked_by": "validation LM loss after retraining" if settings.retrain
                else "zero-shot validation LM loss", "best": best["name"],
                "best_checkpoint": os.path.join(out, "best"), "table": table, "candidates": rows}
-    _write_json(os.path.join(out, "search.json"), summary)
+    write_json_atomic(os.path.join(out, "search.json"), summary)
     tmp = os.path.join(out, "search.csv.tmp")
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
