@@ -10,7 +10,7 @@ The whole recipe is validated first (schema in examples/README.md). Each step ru
 process through its command's own parser and ``main``; a step whose output exists is skipped,
 so a re-run continues where the last one stopped (training steps resume mid-run). At the end
 WORKDIR/cost.json and WORKDIR/cost.md hold tokens and FLOPs per step and per produced model
-(:mod:`megatron_minitron.recipe`); a dry run writes its planned numbers there when WORKDIR exists
+(:mod:`megatron_minitron.cost`); a dry run writes its planned numbers there when WORKDIR exists
 and creates nothing otherwise.
 
 On a terminal a live bar shows the recipe's step i/n and the running step's name, with each
@@ -26,16 +26,14 @@ from typing import Dict
 
 from megatron_minitron import progress
 from megatron_minitron.errors import UsageError
+from megatron_minitron.cost import format_cost, recipe_cost, write_cost
 from megatron_minitron.recipe import (
     Step,
     check_inputs,
-    format_cost,
     load_recipe,
     parse_step,
-    recipe_cost,
     select_steps,
     step_done,
-    write_cost,
 )
 
 
