@@ -146,21 +146,26 @@ def test_qkv_fuse_split_inverse():
         assert torch.equal(got, want)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """{variant: dict(hf, ckpt, model, tokens, logits)} with each variant imported once."""
-    root = tmp_path_factory.mktemp("tiny_hf")
+def imported_variants(root, variants, make, vocab):
+    """{variant: dict(hf, ckpt, model, tokens, logits, root)}: each HF model made by
+    ``make(folder, **spec)``, imported once, with its logits on two random sequences."""
     out = {}
-    for name, spec in TINY.items():
+    for name, spec in variants.items():
         hf_dir, ckpt = str(root / name / "hf"), str(root / name / "ckpt")
-        model = _tiny_hf(hf_dir, **spec)
+        model = make(hf_dir, **spec)
         import_hf(hf_dir, ckpt)
-        tokens = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+        tokens = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             logits = model(tokens).logits  # [2, 24, vocab]
         out[name] = dict(hf=hf_dir, ckpt=ckpt, model=model, tokens=tokens, logits=logits,
                          root=root)
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """{variant: dict(hf, ckpt, model, tokens, logits)} with each variant imported once."""
+    return imported_variants(tmp_path_factory.mktemp("tiny_hf"), TINY, _tiny_hf, TINY_VOCAB)
 
 
 @pytest.mark.parametrize("variant", list(TINY))

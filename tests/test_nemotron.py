@@ -27,6 +27,7 @@ from test_hf import (
     _mcore_logits_tp1,
     _tiny_tokenizer,
     _write_config,
+    imported_variants,
 )
 from test_prune import TOKENS, _masked_logits
 
@@ -61,18 +62,8 @@ def _tiny_nemotron(folder, tie, bias, partial, seed=0):
 @pytest.fixture(scope="module")
 def nemotron(tmp_path_factory):
     """{variant: dict(hf, ckpt, model, tokens, logits)}, each variant imported once."""
-    root = tmp_path_factory.mktemp("nemotron")
-    out = {}
-    for name, spec in VARIANTS.items():
-        hf_dir, ckpt = str(root / name / "hf"), str(root / name / "ckpt")
-        model = _tiny_nemotron(hf_dir, **spec)
-        import_hf(hf_dir, ckpt)
-        tokens = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            logits = model(tokens).logits  # [2, 24, vocab]
-        out[name] = dict(hf=hf_dir, ckpt=ckpt, model=model, tokens=tokens, logits=logits,
-                         root=root)
-    return out
+    return imported_variants(tmp_path_factory.mktemp("nemotron"), VARIANTS, _tiny_nemotron,
+                             VOCAB)
 
 
 # ---------------------------------------------------------------- config
