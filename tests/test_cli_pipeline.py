@@ -1,6 +1,7 @@
 """The command line end to end on a tiny model with a real tokenizer: importance → prune → eval,
 in one process and on two ranks, plus one-line errors for bad input."""
 
+import functools
 import json
 import os
 
@@ -8,25 +9,18 @@ import pytest
 import torch
 
 from conftest import tiny_text
-from megatron_minitron import adapter, parallel
 from megatron_minitron.checkpoint import io
 from megatron_minitron.cli import main as cli
-from megatron_minitron.testing import spawn, tiny_config
+from megatron_minitron.testing import save_tiny_checkpoint, spawn
 
 SEQ = 32
-
-
-def _make_checkpoint(path, tokenizer_dir):
-    parallel.initialize(1, 1)
-    cfg = tiny_config(vocab_size=320)
-    io.save_checkpoint(adapter.build_gpt_model(cfg), cfg, path, tokenizer_from=tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("cli")
     ckpt = str(root / "model")
-    spawn(_make_checkpoint, 1, ckpt, tiny_tokenizer_dir)
+    spawn(functools.partial(save_tiny_checkpoint, vocab_size=320), 1, ckpt, tiny_tokenizer_dir)
     text = root / "corpus.txt"
     text.write_text(tiny_text(6000, seed=11))
     return root, ckpt, str(text)

@@ -2,6 +2,7 @@
 equality at TP=2 / PP=2 / DP=2, the CLI's JSON and one-line errors, the lm-eval-harness request
 API without lm-eval installed, and the real evaluation sets (and SmolLM2) where present."""
 
+import functools
 import gzip
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from conftest import tiny_text
-from megatron_minitron import adapter, parallel
+from megatron_minitron import parallel
 from megatron_minitron.checkpoint import io
 from megatron_minitron.cli import main as cli
 from megatron_minitron.evaluation import tasks
@@ -22,7 +23,7 @@ from megatron_minitron.evaluation.loglikelihood import (
     rolling_requests,
     score_requests,
 )
-from megatron_minitron.testing import spawn, tiny_config
+from megatron_minitron.testing import save_tiny_checkpoint, spawn
 
 MAX_POS = 64
 VOCAB = 320
@@ -38,12 +39,6 @@ def _random_requests(count, seed=0):
         requests.append(([rng.randrange(VOCAB) for _ in range(context_len)],
                          [rng.randrange(VOCAB) for _ in range(continuation_len)]))
     return requests
-
-
-def _make_checkpoint(path, tokenizer_dir):
-    parallel.initialize(1, 1)
-    cfg = tiny_config(vocab_size=VOCAB, max_position_embeddings=MAX_POS)
-    io.save_checkpoint(adapter.build_gpt_model(cfg), cfg, path, tokenizer_from=tokenizer_dir)
 
 
 def _save_hf(root, relative, columns):
@@ -80,7 +75,9 @@ def _fake_eval_sets(root):
 def workspace(tmp_path_factory, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("eval_tasks")
     ckpt = str(root / "model")
-    spawn(_make_checkpoint, 1, ckpt, tiny_tokenizer_dir)
+    make = functools.partial(save_tiny_checkpoint, vocab_size=VOCAB,
+                             max_position_embeddings=MAX_POS)
+    spawn(make, 1, ckpt, tiny_tokenizer_dir)
     text = root / "corpus.txt"
     text.write_text(tiny_text(400, seed=3))
     return root, ckpt, str(text), _fake_eval_sets(str(root / "sets"))

@@ -12,28 +12,21 @@ import pytest
 import yaml
 
 from conftest import tiny_text
-from megatron_minitron import adapter, parallel
 from megatron_minitron.checkpoint import io
 from megatron_minitron.cli import main as cli
 from megatron_minitron.config import count_parameters
 from megatron_minitron.prune.plan import target_config
-from megatron_minitron.testing import spawn, tiny_config
+from megatron_minitron.testing import save_tiny_checkpoint, spawn
 
 SEQ = 32
 TARGET = {"num_layers": 3, "ffn_hidden_size": 64, "num_attention_heads": 2, "num_query_groups": 1}
-
-
-def _make_checkpoint(path, tokenizer_dir):
-    with parallel.parallel_context(1, 1):
-        cfg = tiny_config(vocab_size=320)
-        io.save_checkpoint(adapter.build_gpt_model(cfg), cfg, path, tokenizer_from=tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_tokenizer_dir):
     root = tmp_path_factory.mktemp("recipe")
     teacher = str(root / "teacher")
-    _make_checkpoint(teacher, tiny_tokenizer_dir)
+    save_tiny_checkpoint(teacher, tiny_tokenizer_dir, vocab_size=320)
     text = root / "corpus.txt"
     text.write_text(tiny_text(4000, seed=5))
     return root, teacher, str(text)

@@ -9,3 +9,14 @@ def tiny_config(**overrides) -> ModelConfig:
                 num_query_groups=2, vocab_size=256, max_position_embeddings=128)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def save_tiny_checkpoint(path: str, tokenizer_dir=None, seed: int = 1234, **overrides) -> None:
+    """Builds ``tiny_config(**overrides)`` with mcore's initialisation and saves it (with the
+    tokenizer) as a checkpoint; runs in a spawned rank or a plain process."""
+    from megatron_minitron import adapter, parallel
+    from megatron_minitron.checkpoint.io import save_checkpoint
+
+    cfg = tiny_config(**overrides)
+    with parallel.parallel_context(1, 1, seed=seed):
+        save_checkpoint(adapter.build_gpt_model(cfg), cfg, path, tokenizer_from=tokenizer_dir)
