@@ -264,6 +264,44 @@ def sharded_state_dict(model: GPTModel) -> Dict:
     return out
 
 
+# mcore's own key names (Megatron-LM's checkpoints and ``--output-format megatron``): the
+# local spec's sharded_state_dict_keys_map already saves its norms under the TE names.
+_LOCAL_TO_TE = {local: te for te, local in _TE_TO_LOCAL.items()}
+
+
+def native_key(key: str) -> str:
+    """The mcore key of a stored tensor named by :func:`canonical_key`."""
+    for local_name, te_name in _LOCAL_TO_TE.items():
+        if key.endswith(local_name):
+            return key[: -len(local_name)] + te_name
+    return key
+
+
+def native_sharded_state_dict(model: GPTModel) -> Dict:
+    """mcore sharded state dict under mcore's own keys (weights only, no extra state)."""
+    return {key: value for key, value in model.sharded_state_dict().items()
+            if not key.endswith("_extra_state")}
+
+
+def megatron_lm_sharded_state_dict(model: GPTModel) -> Dict:
+    """The model part of a Megatron-LM checkpoint: ``model.sharded_state_dict()`` as its
+    ``generate_state_dict`` saves it (weights and the linears' empty extra state)."""
+    return model.sharded_state_dict()
+
+
+def extra_state_keys(cfg: ModelConfig) -> List[str]:
+    """Unique keys (``key/shard_offset_shape``) of the extra-state objects the local spec's
+    GPTModel for ``cfg`` saves: one per layer for each of its four linears, and the untied
+    output layer's."""
+    linears = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
+               "mlp.linear_fc2")
+    keys = [f"decoder.layers.{name}._extra_state/shard_{layer}_{cfg.num_layers}"
+            for name in linears for layer in range(cfg.num_layers)]
+    if not cfg.tie_word_embeddings:
+        keys.append("output_layer._extra_state/shard_0_1")
+    return keys
+
+
 def get_tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 

@@ -37,6 +37,11 @@ class CheckpointError(UsageError):
 def tokenizer_dir(path: str) -> Optional[str]:
     """The HF tokenizer folder of a checkpoint (``path/tokenizer``), or ``path`` itself if it
     holds tokenizer files; None when there is none."""
+    from megatron_minitron.checkpoint import megatron_lm
+
+    path = megatron_lm.resolve(path, strict=False)
+    if megatron_lm.is_megatron_lm(path):  # its args.tokenizer_model, when an HF folder
+        return megatron_lm.tokenizer_folder(path)
     inner = os.path.join(path, TOKENIZER_DIR)
     if os.path.isdir(inner):
         return inner
@@ -46,7 +51,10 @@ def tokenizer_dir(path: str) -> Optional[str]:
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+    """True for a checkpoint of ours (also one written with ``--output-format megatron``)."""
+    from megatron_minitron.checkpoint import megatron_lm
+
+    return os.path.isfile(os.path.join(megatron_lm.resolve(path, strict=False), CONFIG_FILE))
 
 
 def check_output_path(path: str) -> None:
@@ -68,6 +76,13 @@ def read_checkpoint_info(path: str) -> Dict[str, Any]:
         raise CheckpointError(f"--load {path} does not exist; pass a checkpoint directory")
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {path} is not a directory; pass a checkpoint directory")
+    from megatron_minitron.checkpoint import megatron_lm
+
+    folder = megatron_lm.resolve(path)
+    if megatron_lm.is_megatron_lm(folder):  # a Megatron-LM torch_dist checkpoint
+        return megatron_lm.checkpoint_info(folder, path)
+    megatron_lm.check_format(folder, path)
+    path = folder
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise CheckpointError(
@@ -95,12 +110,23 @@ def finalize_checkpoint_dir(tmp: str, path: str, cfg: ModelConfig, meta: Optiona
 
     An existing checkpoint at ``path`` is replaced only after ``tmp`` is complete.
     """
+    write_checkpoint_files(tmp, cfg, meta, tokenizer_from, saved_layout)
+    replace_directory(tmp, path)
+
+
+def write_checkpoint_files(folder: str, cfg: ModelConfig, meta: Optional[Dict[str, Any]],
+                           tokenizer_from: Optional[str], saved_layout: Dict[str, Any]) -> None:
+    """Writes ``minitron_config.json`` and the tokenizer into a checkpoint folder."""
     source = tokenizer_dir(tokenizer_from) if tokenizer_from else None
     if source:
-        shutil.copytree(source, os.path.join(tmp, TOKENIZER_DIR))
+        shutil.copytree(source, os.path.join(folder, TOKENIZER_DIR))
     info = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict(),
             "meta": dict(meta or {}, saved_layout=saved_layout)}
-    write_json_atomic(os.path.join(tmp, CONFIG_FILE), info)
+    write_json_atomic(os.path.join(folder, CONFIG_FILE), info)
+
+
+def replace_directory(tmp: str, path: str) -> None:
+    """Renames the complete ``tmp`` to ``path``, replacing what was there only then."""
     old = f"{path}.old"
     if os.path.exists(path):
         if os.path.exists(old):
@@ -154,6 +180,13 @@ def save_checkpoint(model, cfg: ModelConfig, path: str,
 def load_weights(model, path: str) -> None:
     """Loads the checkpoint's weights into ``model`` (built at the current layout)."""
     from megatron.core import dist_checkpointing
+
+    from megatron_minitron.checkpoint import megatron_lm
+
+    path = megatron_lm.resolve(path)
+    if megatron_lm.has_native_keys(path):  # Megatron-LM's, or --output-format megatron
+        megatron_lm.load_weights(model, path)
+        return
 
     sharded = model.sharded_state_dict()
     canonical_to_module = {}

@@ -53,13 +53,19 @@ class CheckpointReader:
     """Reads tensors of a checkpoint by key, one layer slice at a time."""
 
     def __init__(self, path: str):
-        self.path = path
-        self._storage = _CachedMetadataReader(path)
+        from megatron_minitron import adapter
+        from megatron_minitron.checkpoint import megatron_lm
+
+        self.path = megatron_lm.resolve(path)
+        self._storage = _CachedMetadataReader(self.path)
         metadata = self._storage.read_metadata()
         self.shapes: Dict[str, torch.Size] = {}
         self.dtypes: Dict[str, torch.dtype] = {}
-        for key, meta in metadata.state_dict_metadata.items():
-            if hasattr(meta, "size"):
+        self._stored: Dict[str, str] = {}  # our key name -> the name in the files
+        for stored, meta in metadata.state_dict_metadata.items():
+            if hasattr(meta, "size") and stored.startswith(megatron_lm.MODEL_KEY_PREFIXES):
+                key = adapter.canonical_key(stored)  # Megatron-LM files use mcore's own names
+                self._stored[key] = stored
                 self.shapes[key] = meta.size
                 self.dtypes[key] = meta.properties.dtype
 
@@ -87,7 +93,7 @@ class CheckpointReader:
                 offsets[lead], sizes[lead] = rows[0], rows[1] - rows[0]
             out[key] = torch.empty(sizes[lead:], dtype=self.dtypes[key])
             view = out[key].unsqueeze(0) if lead else out[key]
-            regions.append((key, tuple(offsets), tuple(sizes), view))
+            regions.append((self._stored[key], tuple(offsets), tuple(sizes), view))
         with _single_process():
             dcp.load({}, storage_reader=self._storage,
                      planner=_RegionLoadPlanner(regions), no_dist=True)
@@ -167,8 +173,9 @@ class TensorSpec:
 class _LazySavePlanner(SavePlanner):
     """A SavePlanner whose write items are produced on demand (see module docstring)."""
 
-    def __init__(self, specs: Sequence[TensorSpec]):
+    def __init__(self, specs: Sequence[TensorSpec], objects: Optional[Dict[str, bytes]] = None):
         self.specs = specs
+        self.objects = dict(objects or {})
         self.producers = {}
 
     def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=True):
@@ -187,6 +194,8 @@ class _LazySavePlanner(SavePlanner):
                         chunk=ChunkStorageMetadata(offsets=torch.Size(offsets),
                                                    sizes=torch.Size(sizes)),
                         properties=properties, size=torch.Size(spec.shape))))
+        for key in self.objects:  # mcore ShardedObjects: bytes under their unique key
+            items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
         self.plan = SavePlan(items)
         return self.plan
 
@@ -199,6 +208,10 @@ class _LazySavePlanner(SavePlanner):
         return new_plan
 
     def resolve_data(self, write_item: WriteItem):
+        if write_item.type == WriteItemType.BYTE_IO:
+            import io as _io
+
+            return _io.BytesIO(self.objects[write_item.index.fqn])
         producer = self.producers[(write_item.index.fqn, tuple(write_item.index.offset))]
         return producer().contiguous()
 
@@ -216,12 +229,26 @@ def return_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
         return False
 
 
+def write_torch_dist(specs: Sequence[TensorSpec], folder: str, common: Dict,
+                     objects: Optional[Dict[str, bytes]] = None) -> None:
+    """Writes ``specs`` (and serialized ShardedObjects ``objects`` by unique key) as an mcore
+    torch_dist checkpoint in the existing ``folder``, with ``common`` as its common state."""
+    import torch.distributed.checkpoint as dcp
+
+    writer = FileSystemWriter(folder, single_file_per_rank=False, thread_count=1,
+                              sync_files=True)
+    with _single_process():
+        dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(specs, objects),
+                 no_dist=True)
+    torch.save(common, os.path.join(folder, "common.pt"))
+    with open(os.path.join(folder, "metadata.json"), "w") as handle:
+        json.dump(MCORE_METADATA, handle)
+
+
 def write_streaming_checkpoint(specs: Sequence[TensorSpec], cfg, path: str,
                                meta: Optional[Dict] = None,
                                tokenizer_from: Optional[str] = None) -> None:
     """Writes a complete checkpoint of ours at ``path`` atomically (single process)."""
-    import torch.distributed.checkpoint as dcp
-
     path = os.path.abspath(path)
     io.check_output_path(path)
     return_freed_memory_promptly()
@@ -230,13 +257,7 @@ def write_streaming_checkpoint(specs: Sequence[TensorSpec], cfg, path: str,
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     try:
-        writer = FileSystemWriter(tmp, single_file_per_rank=False, thread_count=1,
-                                  sync_files=True)
-        with _single_process():
-            dcp.save({}, storage_writer=writer, planner=_LazySavePlanner(specs), no_dist=True)
-        torch.save({}, os.path.join(tmp, "common.pt"))
-        with open(os.path.join(tmp, "metadata.json"), "w") as handle:
-            json.dump(MCORE_METADATA, handle)
+        write_torch_dist(specs, tmp, common={})
         io.finalize_checkpoint_dir(tmp, path, cfg, meta, tokenizer_from,
                                    saved_layout={"tp": 1, "pp": 1, "streamed": True})
     except BaseException:

@@ -25,6 +25,13 @@ def add_data_arguments(parser: argparse.ArgumentParser, num_samples: int | None,
     group.add_argument("--num-samples", type=int, default=num_samples,
                        help=f"samples to draw (default {num_samples or 'every window of the data'})")
     group.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward")
+    add_tokenizer_argument(group)
+
+
+def add_tokenizer_argument(parser) -> None:
+    parser.add_argument("--tokenizer", metavar="DIR",
+                        help="Hugging Face tokenizer folder (default: the checkpoint's own; "
+                             "needed for Megatron-LM checkpoints without one)")
 
 
 def check_data_arguments(args, cfg: ModelConfig) -> None:
@@ -60,7 +67,7 @@ def load_samples(args, checkpoint: str, cfg: ModelConfig) -> torch.Tensor:
         try:
             tokenizer = None
             if args.text_file:
-                tokenizer = load_tokenizer(checkpoint)
+                tokenizer = load_tokenizer(getattr(args, "tokenizer", None) or checkpoint)
                 check_tokenizer_fits(tokenizer, cfg.vocab_size)
             samples = calibration_samples(
                 text_file=args.text_file, data_prefix=args.data_prefix, tokenizer=tokenizer,

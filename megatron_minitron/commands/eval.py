@@ -65,9 +65,10 @@ def check_arguments(args) -> list:
         raise UsageError("--seq-length is required with --text-file/--data-prefix")
     cfg = checkpoint_config(args.load)
     if names:
-        if tokenizer_dir(args.load) is None:
+        if args.tokenizer is None and tokenizer_dir(args.load) is None:
             raise UsageError(f"--load {args.load} carries no tokenizer/ folder, which --tasks "
-                             "needs; re-save it with its tokenizer (e.g. `minitron import-hf`)")
+                             "needs; pass --tokenizer DIR or re-save it with its tokenizer "
+                             "(e.g. `minitron import-hf`)")
         args.eval_sets = eval_sets_root(args.eval_sets)
     if has_text:
         micro = args.micro_batch_size
@@ -102,7 +103,7 @@ def _prepared_tasks(args, names, cfg):
     prepared, error = None, None
     if parallel.is_rank0():
         try:
-            tokenizer = load_tokenizer(args.load)
+            tokenizer = load_tokenizer(args.tokenizer or args.load)
             check_tokenizer_fits(tokenizer, cfg.vocab_size)
             prepared = prepare_tasks(names, args.eval_sets, tokenizer, args.limit,
                                      cfg.max_position_embeddings)

@@ -41,7 +41,16 @@ def load_tokenizer(path: str):
     if not os.path.exists(path):
         raise UsageError(f"--tokenizer {path} does not exist; pass a Hugging Face tokenizer "
                          "folder or a checkpoint saved with its tokenizer")
-    folder = _tokenizer_folder(path) if os.path.isdir(path) else None
+    folder = None
+    if os.path.isdir(path):
+        from megatron_minitron.checkpoint import megatron_lm
+
+        checkpoint = megatron_lm.resolve(path, strict=False)  # a save dir: its iteration folder
+        folder = _tokenizer_folder(checkpoint)
+        if folder is None and megatron_lm.is_megatron_lm(checkpoint):  # args.tokenizer_model
+            folder = megatron_lm.tokenizer_folder(checkpoint, path)
+            if folder is None:
+                raise megatron_lm.missing_tokenizer_error(path)
     if folder is None:
         raise UsageError(
             f"--tokenizer {path} holds no tokenizer (no tokenizer/ folder, tokenizer_config.json "

@@ -1,0 +1,157 @@
+"""Megatron-LM torch_dist checkpoints: read at any layout, written with --output-format megatron."""
+
+import argparse
+import os
+
+import pytest
+import torch
+from conftest import tiny_text
+
+from megatron_minitron.cli import main as cli_main
+from megatron_minitron.testing import spawn, tiny_config
+
+CFG = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+           num_query_groups=2, vocab_size=320, max_position_embeddings=64,
+           tie_word_embeddings=False, rotary_base=500000.0)
+
+
+def megatron_lm_args(**changes) -> argparse.Namespace:
+    """The architecture part of the args Megatron-LM's pretrain_gpt.py saves for CFG."""
+    args = argparse.Namespace(
+        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+        group_query_attention=True, num_query_groups=2, kv_channels=None,
+        max_position_embeddings=64, seq_length=64, position_embedding_type="rope",
+        rotary_base=500000, rotary_percent=1.0, rotary_interleaved=False, use_rope_scaling=False,
+        normalization="RMSNorm", norm_epsilon=1e-5, apply_layernorm_1p=False, swiglu=True,
+        squared_relu=False, add_bias_linear=False, add_qkv_bias=False, qk_layernorm=False,
+        untie_embeddings_and_output_weights=True, padded_vocab_size=320, num_experts=None,
+        tokenizer_type="HuggingFaceTokenizer", tokenizer_model="/nonexistent/tokenizer",
+        tensor_model_parallel_size=2, pipeline_model_parallel_size=1, ckpt_format="torch_dist",
+        init_method_std=0.02)
+    for name, value in changes.items():
+        setattr(args, name, value)
+    return args
+
+
+def _save_like_megatron_lm(save_dir, ours, args_changes):
+    """TP=2: one model saved as megatron/training/checkpointing.py does, and in our format."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_minitron import adapter, parallel
+    from megatron_minitron.checkpoint.io import save_checkpoint
+
+    cfg = tiny_config(**CFG)
+    with parallel.parallel_context(2, 1, seed=7):
+        model = adapter.build_gpt_model(cfg)
+        with torch.no_grad():  # norms away from 1, so a wrong norm mapping shows
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.uniform_(0.5, 1.5)
+        folder = os.path.join(save_dir, "iter_0000100")
+        if parallel.is_rank0():
+            os.makedirs(folder)
+        parallel.barrier()
+        state = {"model": model.sharded_state_dict(), "args": megatron_lm_args(**args_changes),
+                 "iteration": 100, "checkpoint_version": 3.0}
+        dist_checkpointing.save(state, folder)
+        if parallel.is_rank0():
+            with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+                f.write("100")
+        save_checkpoint(model, cfg, ours)
+
+
+def _logits(path, tokens):
+    from megatron_minitron.checkpoint import io
+    from megatron_minitron.model.forward import full_logits
+
+    model, _ = io.load_checkpoint(path)
+    model.eval()
+    with torch.no_grad():
+        return full_logits(model, tokens)
+
+
+def _compare(save_dir, ours, tp, pp):
+    from megatron_minitron import parallel
+
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with parallel.parallel_context(tp, pp):
+        theirs, mine = _logits(save_dir, tokens), _logits(ours, tokens)
+    assert torch.allclose(theirs, mine, atol=1e-5, rtol=0), (theirs - mine).abs().max()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("megatron_lm")
+    save_dir, ours = str(root / "save"), str(root / "ours")
+    spawn(_save_like_megatron_lm, 2, save_dir, ours, {})
+    return save_dir, ours
+
+
+def test_config_comes_from_the_saved_args(saved):
+    from megatron_minitron.checkpoint import io
+
+    save_dir, ours = saved
+    theirs = io.load_config(save_dir)
+    assert theirs.replace(extra={}) == io.load_config(ours).replace(extra={})
+    assert io.load_config(os.path.join(save_dir, "iter_0000100")) == theirs
+    assert io.tokenizer_dir(save_dir) is None
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2)])
+def test_saved_at_tp2_loads_at_other_layouts(saved, tp, pp):
+    save_dir, ours = saved
+    if tp * pp == 1:
+        _compare(save_dir, ours, tp, pp)
+    else:
+        spawn(_compare, tp * pp, save_dir, ours, tp, pp)
+
+
+@pytest.mark.parametrize("changes,named", [
+    ({"num_experts": 8}, "num_experts=8"),
+    ({"position_embedding_type": "learned_absolute"}, "position_embedding_type='learned_absolute'"),
+    ({"use_rope_scaling": True}, "use_rope_scaling=True"),
+    ({"qk_layernorm": True}, "qk_layernorm=True"),
+    ({"normalization": "L2Norm"}, "normalization='L2Norm'"),
+])
+def test_unsupported_args_are_refused_in_one_line(saved, tmp_path, capsys, changes, named):
+    from megatron_minitron.checkpoint import megatron_lm
+
+    save_dir, _ = saved
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    os.symlink(os.path.join(save_dir, "iter_0000100"), bad / "iter_0000100")
+    (bad / "latest_checkpointed_iteration.txt").write_text("100")
+    real = megatron_lm.read_common
+    common = dict(real(os.path.join(save_dir, "iter_0000100")),
+                  args=megatron_lm_args(**changes))
+    megatron_lm.read_common = lambda folder: common
+    try:
+        code = cli_main(["eval", "--load", str(bad), "--text-file", str(tmp_path / "t.txt"),
+                         "--seq-length", "8"])
+    finally:
+        megatron_lm.read_common = real
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and named in err, err
+
+
+def test_bad_tracker_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("200")
+    code = cli_main(["eval", "--load", str(tmp_path), "--tasks", "piqa"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "iter_0000200" in err, err
+
+
+def test_eval_takes_the_tokenizer_from_the_flag(saved, tmp_path, tiny_tokenizer_dir, capsys):
+    save_dir, _ = saved
+    text = tmp_path / "held_out.txt"
+    text.write_text(tiny_text(600, seed=9))
+    base = ["eval", "--load", save_dir, "--text-file", str(text), "--seq-length", "16",
+            "--num-samples", "4"]
+    assert cli_main(base) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err
+    out = tmp_path / "eval.json"
+    assert cli_main(base + ["--tokenizer", tiny_tokenizer_dir, "--json", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["tokens"] > 0 and result["loss"] > 0
