@@ -291,15 +291,11 @@ def megatron_lm_sharded_state_dict(model: GPTModel) -> Dict:
 
 def extra_state_keys(cfg: ModelConfig) -> List[str]:
     """Unique keys (``key/shard_offset_shape``) of the extra-state objects the local spec's
-    GPTModel for ``cfg`` saves: one per layer for each of its four linears, and the untied
-    output layer's."""
+    GPTModel for ``cfg`` saves: one per layer for each of its four linears."""
     linears = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
                "mlp.linear_fc2")
-    keys = [f"decoder.layers.{name}._extra_state/shard_{layer}_{cfg.num_layers}"
+    return [f"decoder.layers.{name}._extra_state/shard_{layer}_{cfg.num_layers}"
             for name in linears for layer in range(cfg.num_layers)]
-    if not cfg.tie_word_embeddings:
-        keys.append("output_layer._extra_state/shard_0_1")
-    return keys
 
 
 def get_tp_group():

@@ -155,3 +155,100 @@ def test_eval_takes_the_tokenizer_from_the_flag(saved, tmp_path, tiny_tokenizer_
 
     result = json.loads(out.read_text())
     assert result["tokens"] > 0 and result["loss"] > 0
+
+
+def _fresh_mcore_model(args):
+    """A GPTModel built from a checkpoint's own args, the way Megatron-LM's model provider
+    does with the local spec (no minitron code involved)."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        kv_channels=args.kv_channels, normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon, gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu, add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, apply_rope_fusion=False, use_cpu_initialization=True,
+        gradient_accumulation_fusion=False)
+    return GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(
+        normalization=args.normalization), vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        rotary_percent=args.rotary_percent)
+
+
+def _loss(model, tokens):
+    from megatron_minitron.model.forward import full_logits, position_ids_for
+
+    model.eval()
+    with torch.no_grad():
+        logits = full_logits(model, tokens[:, :-1])
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def test_pruned_megatron_output_loads_into_a_fresh_mcore_model(saved, tmp_path,
+                                                               tiny_tokenizer_dir):
+    from megatron.core import dist_checkpointing
+
+    from megatron_minitron import parallel
+    from megatron_minitron.checkpoint import io
+
+    save_dir, ours = saved
+    text = tmp_path / "calib.txt"
+    text.write_text(tiny_text(800, seed=3))
+    scores = str(tmp_path / "scores.pt")
+    assert cli_main(["importance", "--load", save_dir, "--tokenizer", tiny_tokenizer_dir,
+                     "--text-file", str(text), "--seq-length", "16", "--num-samples", "4",
+                     "--no-plot", "--output", scores]) == 0
+    target = "hidden_size=24,ffn_hidden_size=48,num_attention_heads=2,num_query_groups=1"
+    out, reference = str(tmp_path / "pruned_megatron"), str(tmp_path / "pruned_ours")
+    for load, output, fmt in ((save_dir, out, "megatron"), (ours, reference, "minitron")):
+        assert cli_main(["prune", "--load", load, "--scores", scores, "--target", target,
+                         "--tokenizer", tiny_tokenizer_dir, "--output", output,
+                         "--output-format", fmt]) == 0
+    assert open(os.path.join(out, "latest_checkpointed_iteration.txt")).read() == "release"
+    folder = os.path.join(out, "release")
+    tokens = torch.randint(0, 320, (2, 17), generator=torch.Generator().manual_seed(1))
+    with parallel.parallel_context(1, 1):
+        common = dist_checkpointing.load_common_state_dict(folder)
+        args = common["args"]
+        assert (args.hidden_size, args.ffn_hidden_size, args.num_attention_heads,
+                args.num_query_groups, common["checkpoint_version"]) == (24, 48, 2, 1, 3.0)
+        fresh = _fresh_mcore_model(args)
+        loaded = dist_checkpointing.load({"model": fresh.sharded_state_dict()}, folder,
+                                         strict="raise_all")
+        fresh.load_state_dict(loaded["model"], strict=True)
+        expected, _ = io.load_checkpoint(reference)
+        assert torch.allclose(_loss(fresh, tokens), _loss(expected, tokens), atol=1e-6)
+        again, cfg = io.load_checkpoint(out)  # and every minitron command reads it
+        assert cfg.replace(extra={}) == io.load_config(reference).replace(extra={})
+        assert torch.allclose(_loss(again, tokens), _loss(expected, tokens), atol=1e-6)
+    assert io.tokenizer_dir(out) == os.path.join(folder, "tokenizer")
+
+
+def _save_both(model_dir, ours):
+    from megatron_minitron import adapter, parallel
+    from megatron_minitron.checkpoint import io, megatron_lm
+
+    cfg = tiny_config(**CFG)
+    with parallel.parallel_context(2, 1, seed=3):
+        model = adapter.build_gpt_model(cfg)
+        megatron_lm.save_checkpoint(model, cfg, model_dir)
+        io.save_checkpoint(model, cfg, ours)
+
+
+def test_collective_megatron_save_round_trips(tmp_path):
+    model_dir, ours = str(tmp_path / "megatron"), str(tmp_path / "ours")
+    spawn(_save_both, 2, model_dir, ours)
+    _compare(model_dir, ours, 1, 1)
+    from megatron_minitron.checkpoint import io
+
+    assert io.is_checkpoint(model_dir)
+    spawn(_save_both, 2, model_dir, ours)  # overwriting our own output is allowed

@@ -31,6 +31,8 @@ import torch
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.errors import UsageError
 
+OUTPUT_FORMATS = ("minitron", "megatron")
+"""``--output-format``: our checkpoint, or a Megatron-LM one (which every command also loads)."""
 TRACKER = "latest_checkpointed_iteration.txt"
 RELEASE = "release"
 MCORE_MARKER = "metadata.json"  # written by dist_checkpointing.save in every torch_dist folder
@@ -428,10 +430,11 @@ def write_streaming(specs, cfg: ModelConfig, path: str, meta: Optional[Dict] = N
 
     path = os.path.abspath(path)
     io.check_output_path(path)
+    stream.return_freed_memory_promptly()
     tmp = f"{path}.tmp"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    os.makedirs(os.path.join(tmp, RELEASE))
     try:
         native = [stream.TensorSpec(adapter.native_key(s.key), s.shape, s.dtype, s.chunks)
                   for s in specs]

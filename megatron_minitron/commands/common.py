@@ -28,6 +28,15 @@ def add_data_arguments(parser: argparse.ArgumentParser, num_samples: int | None,
     add_tokenizer_argument(group)
 
 
+def add_output_format_argument(parser) -> None:
+    from megatron_minitron.checkpoint.megatron_lm import OUTPUT_FORMATS
+
+    parser.add_argument("--output-format", choices=OUTPUT_FORMATS, default="minitron",
+                        help="minitron (default) or megatron: a Megatron-LM torch_dist checkpoint "
+                             "(pretrain_gpt.py --load OUT --finetune) that every minitron "
+                             "command also loads")
+
+
 def add_tokenizer_argument(parser) -> None:
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="Hugging Face tokenizer folder (default: the checkpoint's own; "

@@ -17,7 +17,12 @@ import logging
 
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
-from megatron_minitron.commands.common import add_data_arguments, check_data_arguments, load_samples
+from megatron_minitron.commands.common import (
+    add_data_arguments,
+    add_output_format_argument,
+    check_data_arguments,
+    load_samples,
+)
 from megatron_minitron.errors import UsageError
 
 logger = logging.getLogger("megatron_minitron")
@@ -41,6 +46,7 @@ def add_arguments(parser, name):
     parser.add_argument("--target-pp", "--target-pipeline-model-parallel-size", dest="target_pp",
                         type=int, default=1, help="PP the output must divide into (default 1)")
     parser.add_argument("--output", required=True, help="pruned checkpoint directory")
+    add_output_format_argument(parser)
     iterative = parser.add_argument_group(
         "iterative pruning", "--iterations T > 1 prunes in T steps, re-estimating importance on "
         "each intermediate model from the data below (--scores serves the first step)")
@@ -86,7 +92,8 @@ def main(args) -> int:
             args.load, args.scores, target, args.output,
             depth_metric=None if drop is not None else args.depth_metric, drop_layers=drop,
             head_add_back=args.head_add_back, target_tp=args.target_tp,
-            target_pp=args.target_pp).target
+            target_pp=args.target_pp, output_format=args.output_format,
+            tokenizer=args.tokenizer).target
     if parallel.is_rank0():
         print(f"source: {describe_counts(source)}")
         print(f"pruned: {describe_counts(plan_target)}")
@@ -113,7 +120,8 @@ def _iterative(args, source, target):
                         estimate=lambda ckpt: compute_scores(ckpt, samples, args, icfg, layout),
                         first_scores=first, depth_metric=args.depth_metric,
                         head_add_back=args.head_add_back, target_tp=args.target_tp,
-                        target_pp=args.target_pp)
+                        target_pp=args.target_pp, output_format=args.output_format,
+                        tokenizer=args.tokenizer)
     finally:
         parallel.teardown()
     return load_config(args.output)

@@ -103,6 +103,9 @@ class TrainConfig:
     """Most recent checkpoints kept in OUTPUT/checkpoints."""
     resume: Optional[str] = field(default=None, metadata={"choices": ("auto",)})
     """auto: continue the run in --output from its latest checkpoint (a fresh start if none)."""
+    output_format: str = field(default="minitron", metadata={"choices": ("minitron", "megatron")})
+    """Format of the trained model in OUTPUT/final: minitron (ours) or megatron (a Megatron-LM
+    torch_dist checkpoint, which every minitron command also loads)."""
     tensorboard_dir: Optional[str] = None
     """TensorBoard folder (default OUTPUT/tensorboard when tensorboard is installed; 'none'
     disables)."""
@@ -119,6 +122,8 @@ class TrainConfig:
         if self.intermediate_loss not in INTERMEDIATE_LOSSES:
             raise UsageError(f"--intermediate-loss {self.intermediate_loss}: choose one of "
                              f"{', '.join(INTERMEDIATE_LOSSES)}")
+        if self.output_format not in ("minitron", "megatron"):
+            raise UsageError(f"--output-format {self.output_format}: choose minitron or megatron")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.resume not in (None, "auto"):

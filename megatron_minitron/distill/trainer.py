@@ -245,10 +245,12 @@ class Trainer:
         save_training_checkpoint(self, step)
 
     def save_final(self, step: int) -> None:
-        from megatron_minitron.checkpoint.io import save_checkpoint
+        from megatron_minitron.checkpoint import io, megatron_lm
 
         run = self.run_state
         meta = dict(self._meta(step), role="final")
+        save_checkpoint = megatron_lm.save_checkpoint if self.config.output_format == "megatron" \
+            else io.save_checkpoint
         save_checkpoint(run.student, self.student_cfg, self.final_dir(), meta=meta,
                         tokenizer_from=_tokenizer_source(self.config))
         parallel.log_rank0(f"trained model written to {self.final_dir()}")

@@ -128,13 +128,16 @@ def _load_hf_state(hf_path: str, gguf_file: Optional[str], where: str) -> Dict[s
     return dict(model.state_dict())
 
 
-def import_hf(hf_path: str, output: str, gguf_file: Optional[str] = None) -> ModelConfig:
+def import_hf(hf_path: str, output: str, gguf_file: Optional[str] = None,
+              output_format: str = "minitron") -> ModelConfig:
     """Converts a Hugging Face Llama/Mistral/Qwen2/Nemotron model into a checkpoint at ``output``.
 
     Args:
         hf_path: directory of a model saved by ``save_pretrained``, or holding a GGUF file.
         output: checkpoint directory to write (absent, empty, or one of our checkpoints).
         gguf_file: name of the GGUF file inside ``hf_path``, if the weights are GGUF.
+        output_format: ``minitron`` (ours) or ``megatron`` (a Megatron-LM checkpoint,
+            :mod:`megatron_minitron.checkpoint.megatron_lm`).
 
     Returns:
         The ModelConfig of the written checkpoint.
@@ -144,7 +147,7 @@ def import_hf(hf_path: str, output: str, gguf_file: Optional[str] = None) -> Mod
             tokenizer larger than the vocabulary, or an ``output`` that may not be overwritten.
     """
     from megatron_minitron import adapter, parallel
-    from megatron_minitron.checkpoint import io
+    from megatron_minitron.checkpoint import io, megatron_lm
 
     _check_single_process("import-hf")
     where = _check_source(hf_path, gguf_file)
@@ -168,7 +171,9 @@ def import_hf(hf_path: str, output: str, gguf_file: Optional[str] = None) -> Mod
             model = adapter.build_gpt_model(cfg, use_te=False)
             mapping.load_hf_state(model, cfg, hf_state, where)
             del hf_state
-            io.save_checkpoint(model, cfg, output, meta=meta,
+            save = megatron_lm.save_checkpoint if output_format == "megatron" else \
+                io.save_checkpoint
+            save(model, cfg, output, meta=meta,
                                tokenizer_from=tokenizer_files if tokenizer is not None else None)
     logger.info("wrote %s", output)
     return cfg

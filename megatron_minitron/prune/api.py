@@ -97,7 +97,8 @@ def _global_specs(reader: CheckpointReader, plan: PrunePlan, chunk_bytes: int = 
 def prune_checkpoint(load: str, scores: Union[str, Dict[str, Any]], target: Dict[str, int],
                      output: str, depth_metric: Optional[str] = "ppl",
                      drop_layers: Optional[Sequence[int]] = None, head_add_back: bool = True,
-                     target_tp: int = 1, target_pp: int = 1) -> PrunePlan:
+                     target_tp: int = 1, target_pp: int = 1, output_format: str = "minitron",
+                     tokenizer: Optional[str] = None) -> PrunePlan:
     """Prunes checkpoint ``load`` to ``target`` using ``scores`` and writes ``output``.
 
     Args:
@@ -110,6 +111,9 @@ def prune_checkpoint(load: str, scores: Union[str, Dict[str, Any]], target: Dict
         drop_layers: explicit source layers to drop instead of a metric.
         head_add_back: add pruned heads' residual back into kept heads.
         target_tp, target_pp: the layout the output must divide into.
+        output_format: ``minitron`` (ours) or ``megatron`` (a Megatron-LM checkpoint,
+            :mod:`megatron_minitron.checkpoint.megatron_lm`).
+        tokenizer: tokenizer folder saved with the output (default: ``load``'s own).
 
     Returns:
         The plan that was applied (kept indices per layer).
@@ -128,7 +132,10 @@ def prune_checkpoint(load: str, scores: Union[str, Dict[str, Any]], target: Dict
             "depth_metric": None if drop_layers is not None else depth_metric,
             "head_add_back": head_add_back,
             "scores_aggregation": scores.get("meta", {}).get("aggregation")}
-    tokenizer = load if io.tokenizer_dir(load) else None
-    write_streaming_checkpoint(layer_specs + _global_specs(reader, plan), plan.target, output,
-                               meta=meta, tokenizer_from=tokenizer)
+    tokenizer = tokenizer or (load if io.tokenizer_dir(load) else None)
+    write = write_streaming_checkpoint
+    if output_format == "megatron":
+        from megatron_minitron.checkpoint.megatron_lm import write_streaming as write
+    write(layer_specs + _global_specs(reader, plan), plan.target, output, meta=meta,
+          tokenizer_from=tokenizer)
     return plan

@@ -49,12 +49,15 @@ def round_targets(source: ModelConfig, final: ModelConfig, rounds: int, tp: int 
 def iterative_prune(load: str, target: Dict[str, int], output: str, rounds: int,
                     estimate: Callable[[str], Dict], first_scores: Optional[Dict] = None,
                     depth_metric: str = "ppl", head_add_back: bool = True,
-                    target_tp: int = 1, target_pp: int = 1) -> List[str]:
+                    target_tp: int = 1, target_pp: int = 1, output_format: str = "minitron",
+                    tokenizer: Optional[str] = None) -> List[str]:
     """Prunes ``load`` to ``target`` in ``rounds`` steps (collective when ``estimate`` is).
 
     Args:
         estimate: ``estimate(checkpoint) -> scores`` (all ranks call it; may be collective).
         first_scores: scores of ``load`` for the first round (estimated if None).
+        output_format: format of ``output`` (the rounds are always ours).
+        tokenizer: tokenizer folder to save with the rounds (default: ``load``'s own).
 
     Returns:
         The intermediate checkpoint paths (kept under ``output + ".rounds"``) and ``output``.
@@ -70,9 +73,12 @@ def iterative_prune(load: str, target: Dict[str, int], output: str, rounds: int,
         path = output if index == len(steps) else os.path.join(work, f"round{index}")
         if parallel.is_rank0():
             os.makedirs(work, exist_ok=True)
+            last = index == len(steps)
             prune_checkpoint(current, scores, step, path, depth_metric=depth_metric,
                              head_add_back=head_add_back, target_tp=target_tp,
-                             target_pp=target_pp)
+                             target_pp=target_pp,
+                             output_format=output_format if last else "minitron",
+                             tokenizer=tokenizer)
         parallel.barrier()
         paths.append(path)
         current, scores = path, None
