@@ -125,6 +125,25 @@ def test_llama_example_dry_run():
                        "num_query_groups=8", "num_layers=16"]
     skipped = run_script(EXAMPLES / "llama31_8b" / "run.sh", CORRECTION_TOKENS=0).stdout
     assert "correct-teacher" not in skipped and "--teacher runs/llama31_8b/teacher " in skipped
+    distills = [parse_cli(s, a) for _, s, a in launched if s == "distill"]
+    assert [d.output_format for d in distills] == ["megatron", "megatron"]
+
+
+def test_llama_example_starts_from_a_megatron_lm_checkpoint():
+    printed = commands(run_script(EXAMPLES / "llama31_8b" / "run.sh", CORRECTION_TOKENS=0,
+                                  MEGATRON_LOAD="/ckpt/llama", TOKENIZER="/models/tok").stdout)
+    assert [p[1] for p in printed if p[0] == "minitron"] == ["preprocess-data"] * 2
+    for words in printed:
+        if words[0] == "minitron":
+            assert option(words, "--tokenizer") == "/models/tok"
+            continue
+        _, stage, args = _torchrun_stage_args(words)
+        parsed = parse_cli(stage, args)
+        assert parsed.tokenizer == "/models/tok", stage
+        if stage in ("importance", "prune"):
+            assert parsed.load == "/ckpt/llama"
+        if stage == "distill":
+            assert parsed.teacher == "/ckpt/llama"
 
 
 def test_nemotron_example_dry_run_chains_sbatch_jobs():

@@ -35,10 +35,9 @@ def megatron_lm_args(**changes) -> argparse.Namespace:
 
 def _save_like_megatron_lm(save_dir, ours, args_changes):
     """TP=2: one model saved as megatron/training/checkpointing.py does, and in our format."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_minitron import adapter, parallel
+    from megatron_minitron import adapter, parallel  # before mcore: the CPU patches
     from megatron_minitron.checkpoint.io import save_checkpoint
+    from megatron.core import dist_checkpointing
 
     cfg = tiny_config(**CFG)
     with parallel.parallel_context(2, 1, seed=7):
@@ -185,7 +184,7 @@ def _fresh_mcore_model(args):
 
 
 def _loss(model, tokens):
-    from megatron_minitron.model.forward import full_logits, position_ids_for
+    from megatron_minitron.model.forward import full_logits
 
     model.eval()
     with torch.no_grad():
@@ -195,10 +194,9 @@ def _loss(model, tokens):
 
 def test_pruned_megatron_output_loads_into_a_fresh_mcore_model(saved, tmp_path,
                                                                tiny_tokenizer_dir):
-    from megatron.core import dist_checkpointing
-
     from megatron_minitron import parallel
-    from megatron_minitron.checkpoint import io
+    from megatron_minitron.checkpoint import io  # before mcore: the CPU patches
+    from megatron.core import dist_checkpointing
 
     save_dir, ours = saved
     text = tmp_path / "calib.txt"
