@@ -1,6 +1,7 @@
 """Megatron-LM torch_dist checkpoints: read at any layout, written with --output-format megatron."""
 
 import argparse
+import dataclasses
 import os
 
 import pytest
@@ -50,8 +51,14 @@ def _save_like_megatron_lm(save_dir, ours, args_changes):
         if parallel.is_rank0():
             os.makedirs(folder)
         parallel.barrier()
-        state = {"model": model.sharded_state_dict(), "args": megatron_lm_args(**args_changes),
-                 "iteration": 100, "checkpoint_version": 3.0}
+        sharded = model.sharded_state_dict()
+        optimizer = {  # optimizer state is saved beside the weights and must be ignored
+            key: dataclasses.replace(value, key="optimizer.state.exp_avg." + value.key,
+                                     data=torch.full_like(value.data, 7.0))
+            for key, value in sharded.items() if key.startswith("embedding.")}
+        state = {"model": sharded, "optimizer": optimizer,
+                 "args": megatron_lm_args(**args_changes), "iteration": 100,
+                 "checkpoint_version": 3.0}
         dist_checkpointing.save(state, folder)
         if parallel.is_rank0():
             with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
@@ -250,3 +257,28 @@ def test_collective_megatron_save_round_trips(tmp_path):
 
     assert io.is_checkpoint(model_dir)
     spawn(_save_both, 2, model_dir, ours)  # overwriting our own output is allowed
+
+
+def _train_to_megatron(save_dir, text, tokenizer, output):
+    common = ["--seq-length", "16", "--train-tokens", str(2 * 4 * 16), "--global-batch-size",
+              "4", "--lr", "3e-3"]
+    assert cli_main(["train", "--ce-only", "--load", save_dir, "--text-file", text,
+                     "--tokenizer", tokenizer, "--output", output, "--output-format", "megatron",
+                     *common]) == 0
+
+
+def test_training_from_megatron_lm_writes_megatron_lm(saved, tmp_path, tiny_tokenizer_dir):
+    from megatron_minitron.checkpoint import io, megatron_lm
+
+    save_dir, _ = saved
+    text = tmp_path / "train.txt"
+    text.write_text(tiny_text(1500, seed=5))
+    output = str(tmp_path / "run")
+    spawn(_train_to_megatron, 1, save_dir, str(text), tiny_tokenizer_dir, output)
+    final = os.path.join(output, "final")
+    folder = megatron_lm.resolve(final)
+    assert folder == os.path.join(final, "release") and megatron_lm.has_native_keys(folder)
+    assert io.load_config(final).replace(extra={}) == io.load_config(save_dir).replace(extra={})
+    assert io.tokenizer_dir(final) == os.path.join(folder, "tokenizer")
+    args = megatron_lm.read_common(folder)["args"]
+    assert args.tokenizer_model == os.path.join(folder, "tokenizer") and args.swiglu
