@@ -282,3 +282,23 @@ def test_training_from_megatron_lm_writes_megatron_lm(saved, tmp_path, tiny_toke
     assert io.tokenizer_dir(final) == os.path.join(folder, "tokenizer")
     args = megatron_lm.read_common(folder)["args"]
     assert args.tokenizer_model == os.path.join(folder, "tokenizer") and args.swiglu
+
+
+@pytest.mark.parametrize("variant", ["qwen2_qkv_bias"])
+def test_import_hf_to_megatron_and_back(tmp_path, monkeypatch, variant):
+    from test_hf import TINY, TINY_VOCAB, _assert_same_state, _load_hf, _mcore_logits_tp1, _tiny_hf
+
+    from megatron_minitron.hf.convert import export_hf
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hf_dir, out = str(tmp_path / "hf"), str(tmp_path / "megatron")
+    model = _tiny_hf(hf_dir, **TINY[variant])
+    assert cli_main(["import-hf", "--hf-path", hf_dir, "--output", out,
+                     "--output-format", "megatron"]) == 0
+    tokens = torch.randint(0, TINY_VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    assert (_mcore_logits_tp1(out, tokens) - expected).abs().max().item() <= 1e-4
+    exported = str(tmp_path / "exported")
+    export_hf(out, exported)
+    _assert_same_state(model.state_dict(), _load_hf(exported).state_dict())
