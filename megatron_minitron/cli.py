@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Dict, Tuple
 
+from megatron_minitron.errors import UsageError
+
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "import-hf": ("megatron_minitron.commands.hf", "import a Hugging Face model (Llama, Mistral, Qwen2, Nemotron)"),
     "export-hf": ("megatron_minitron.commands.hf", "export a checkpoint to Hugging Face format"),
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return int(_command_module(args.command).main(args) or 0)
-    except ValueError as err:  # UsageError and config validation: one line, no traceback
+    except UsageError as err:  # bad input: one line; anything else keeps its traceback
         if os.environ.get("MINITRON_DEBUG"):
             raise
         print(f"minitron {args.command}: error: {err}", file=sys.stderr)

@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(recipe_path(args.recipe))
         summary = write_report(recipe, plots=args.plots)
-    except ValueError as err:
+    except UsageError as err:
         print(f"report: error: {err}", file=sys.stderr)
         return 2
     print(summary["table"])

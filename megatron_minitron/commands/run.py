@@ -80,7 +80,7 @@ def run_step(step: Step) -> float:
     started = time.perf_counter()
     try:
         code = cli._command_module(step.command).main(args)
-    except ValueError as err:  # UsageError and config checks: name the step
+    except UsageError as err:  # bad input: name the step (other errors keep their traceback)
         raise UsageError(f"step {step.name} (minitron {step.command}): {err}") from None
     if code:
         raise UsageError(f"step {step.name}: minitron {step.command} exited with {code}")

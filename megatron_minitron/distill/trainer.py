@@ -23,7 +23,6 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_minitron import parallel
 from megatron_minitron.checkpoint.io import read_checkpoint_info
@@ -294,7 +293,9 @@ def _loss(loss_spec: LogitLossSpec, labels, mask, output):
     intermediate = torch.zeros((), dtype=torch.float64, device=total.device)
     if output.intermediate is not None:
         intermediate = (output.intermediate.double() * mask.double()).sum()
-        alpha = (result.kd / intermediate).detach() if intermediate > 0 else 0.0
+        held = intermediate.detach()
+        positive = held > 0  # decided on the device: no host sync per micro-batch
+        alpha = torch.where(positive, result.kd / torch.where(positive, held, 1.0), 0.0)
         total = total + alpha * intermediate
     report = torch.stack([total.detach(), result.kd, result.ce, intermediate.detach(),
                           result.tokens])
@@ -320,11 +321,10 @@ def run_schedule(ddp_model, loss_spec: LogitLossSpec, batches, forward_only: boo
     sums = torch.zeros(len(REPORT_FIELDS), dtype=torch.float64, device=parallel.device())
     if adapter.is_last_stage():
         sums = torch.stack([o["sums"] for o in outputs]).sum(0)
-    if dist.is_initialized():
-        dist.all_reduce(sums, group=adapter.get_dp_group())
-        pp_group = adapter.get_pp_group()
-        last = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
-        dist.broadcast(sums, src=last, group=pp_group)
+    parallel.all_reduce(sums, group=adapter.get_dp_group())
+    pp_group = adapter.get_pp_group()
+    last = parallel.global_rank(pp_group, parallel.group_size(pp_group) - 1)
+    parallel.broadcast(sums, src=last, group=pp_group)
     return sums
 
 

@@ -19,9 +19,9 @@ import time
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
-from megatron_minitron import adapter, progress
+from megatron_minitron import adapter, parallel, progress
+from megatron_minitron.errors import UsageError
 from megatron_minitron.model.forward import broadcast_from_last_stage, pipeline_forward
 from megatron_minitron.parallel import log_rank0
 
@@ -93,10 +93,10 @@ def build_micro_batch(requests: Sequence[Request], indices: Sequence[int], max_l
     for index in indices:
         context, continuation = requests[index]
         if len(continuation) > max_length:
-            raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the "
+            raise UsageError(f"a continuation of {len(continuation)} tokens does not fit the "
                              f"model's {max_length} positions")
         if not context or not continuation:
-            raise ValueError("every request needs at least one context and one continuation "
+            raise UsageError("every request needs at least one context and one continuation "
                              "token")
         whole = (list(context) + list(continuation))[-(max_length + 1):]
         rows.append((whole, len(continuation)))
@@ -112,11 +112,8 @@ def build_micro_batch(requests: Sequence[Request], indices: Sequence[int], max_l
     return {"tokens": tokens, "labels": labels, "loss_mask": mask}
 
 
-def _tp_all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
-    group = adapter.get_tp_group()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
+def _tp_all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    return parallel.all_reduce(tensor, op, adapter.get_tp_group())
 
 
 def continuation_scores(logits: torch.Tensor, batch: Dict[str, torch.Tensor]
@@ -138,16 +135,16 @@ def continuation_scores(logits: torch.Tensor, batch: Dict[str, torch.Tensor]
     local_vocab = picked.shape[-1]
     start = adapter.tp_rank() * local_vocab
     local_max, local_arg = picked.max(dim=-1)  # [n]
-    top = _tp_all_reduce(local_max.clone(), dist.ReduceOp.MAX)
-    sum_exp = _tp_all_reduce((picked - top[:, None]).exp().sum(dim=-1), dist.ReduceOp.SUM)
+    top = _tp_all_reduce(local_max.clone(), "max")
+    sum_exp = _tp_all_reduce((picked - top[:, None]).exp().sum(dim=-1), "sum")
     owned = (targets >= start) & (targets < start + local_vocab)
     local_target = (targets - start).clamp(0, local_vocab - 1)
     target_logit = torch.where(owned, picked.gather(1, local_target[:, None]).squeeze(1),
                                torch.zeros_like(top))
-    target_logit = _tp_all_reduce(target_logit, dist.ReduceOp.SUM)
+    target_logit = _tp_all_reduce(target_logit, "sum")
     no_candidate = torch.iinfo(torch.long).max
     arg = torch.where(local_max == top, local_arg + start, torch.full_like(local_arg, no_candidate))
-    arg = _tp_all_reduce(arg, dist.ReduceOp.MIN)
+    arg = _tp_all_reduce(arg, "min")
     token_logprob = (target_logit - top - sum_exp.log()).double()  # [n]
     batch_size = mask.shape[0]
     logprob = torch.zeros(batch_size, dtype=torch.float64, device=logits.device)
@@ -230,12 +227,8 @@ def score_requests(model, requests: Sequence[Request], max_length: int,
             table[indices, 1] = scores["greedy"].double()
     tracker.close()
     if table is not None:
-        if dist.is_initialized() and dp_size > 1:  # one rank holds each entry: the sum is exact
-            from megatron_minitron.parallel import device
-
-            gathered = table.to(device())
-            dist.all_reduce(gathered, group=adapter.get_dp_group())
-            table = gathered.cpu()
+        if dp_size > 1:  # one rank holds each entry: the sum is exact
+            parallel.all_reduce(table, group=adapter.get_dp_group())
         table = [(float(lp), bool(gr)) for lp, gr in table.tolist()]
     return broadcast_from_last_stage(table)
 

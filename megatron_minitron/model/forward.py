@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
-
-from megatron_minitron import adapter
+from megatron_minitron import adapter, parallel
 from megatron_minitron.compat.cpu import cuda_to_cpu
 
 
@@ -72,24 +70,18 @@ def pipeline_forward(
 def gather_vocab_parallel(logits: torch.Tensor) -> torch.Tensor:
     """[b, s, v/tp] → [b, s, v] on every TP rank."""
     group = adapter.get_tp_group()
-    size = dist.get_world_size(group) if dist.is_initialized() else 1
-    if size == 1:
+    if parallel.group_size(group) == 1:
         return logits
-    parts = [torch.empty_like(logits) for _ in range(size)]
-    dist.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parallel.all_gather(logits, group), dim=-1)
 
 
 def broadcast_from_last_stage(obj):
     """Sends a picklable object from the last pipeline stage to every stage."""
     group = adapter.get_pp_group()
-    size = dist.get_world_size(group) if dist.is_initialized() else 1
+    size = parallel.group_size(group)
     if size == 1:
         return obj
-    src = dist.get_global_rank(group, size - 1)
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
+    return parallel.broadcast_object(obj, src=parallel.global_rank(group, size - 1), group=group)
 
 
 def full_logits(model, tokens: torch.Tensor, micro_batch_size: int = 1) -> torch.Tensor:
