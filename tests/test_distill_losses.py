@@ -200,3 +200,26 @@ def test_tp2_equals_tp1(tmp_path):
         for ours, reference in ((total, result.total), (kd, result.kd), (ce, result.ce)):
             assert abs(ours - reference.item()) <= 1e-5 * abs(reference.item()), spec
         torch.testing.assert_close(tp2_grad, grad, rtol=1e-5, atol=1e-7)
+
+
+def test_no_host_sync_per_micro_batch_on_a_device(monkeypatch):
+    """A step's loss (KD + CE + intermediate) forward and a scaled backward on a device read
+    nothing back to the host: on the meta device any such read (``bool``, ``.item()``) raises."""
+    from megatron_minitron import adapter
+    from megatron_minitron.distill.model import StageOutput
+    from megatron_minitron.distill.trainer import _loss
+
+    monkeypatch.setattr(adapter, "get_tp_group", lambda: None)
+    meta = torch.device("meta")  # shapes only: the host cannot read a value
+    student = torch.randn(SEQ, BATCH, VOCAB, device=meta, requires_grad=True)
+    teacher = torch.randn(SEQ, BATCH, VOCAB, device=meta)
+    hidden = torch.randn(SEQ, BATCH, device=meta, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (SEQ, BATCH), device=meta)
+    mask = torch.ones(SEQ, BATCH, device=meta)
+    spec = LogitLossSpec("kl", ce_weight=0.5)
+    total, _, report = _loss(spec, labels, mask, StageOutput(student, teacher, hidden * 1.0))
+    (4.0 * total).backward()  # a loss scale: grad_total != 1
+    assert student.grad.device == meta and hidden.grad.device == meta
+    assert report["sums"].shape == (5,)
+    with pytest.raises(Exception):  # a host read does raise there
+        bool(total > 0)
