@@ -54,6 +54,14 @@ def _command_module(name: str):
     return importlib.import_module(COMMANDS[name][0])
 
 
+def quiet_megatron_logs(verbose: bool) -> None:
+    """Keeps Megatron-Core's INFO lines (its Megatron-FSDP banner at import, per-parameter
+    notes) off the screen unless ``--verbose`` or ``MINITRON_DEBUG=1``."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("megatron", "megatron_fsdp"):
+        logging.getLogger(name).setLevel(level)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minitron",
@@ -62,6 +70,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--verbose", action="store_true",
+                             help="also show Megatron-Core's own INFO log lines")
         if only == name:
             _command_module(name).add_arguments(command, name)
     return parser
@@ -70,6 +80,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_megatron_logs("--verbose" in argv or os.environ.get("MINITRON_DEBUG") == "1")
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in COMMANDS:
         print(f"minitron: unknown command {command!r}; choose from {', '.join(COMMANDS)}",
