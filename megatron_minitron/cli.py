@@ -92,6 +92,9 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
+        from megatron_minitron.checkpoint.io import resolve_load_args
+
+        resolve_load_args(args)
         return int(_command_module(args.command).main(args) or 0)
     except ValueError as err:  # UsageError and config validation: one line, no traceback
         if os.environ.get("MINITRON_DEBUG"):

@@ -34,3 +34,33 @@ def test_verbose_lets_megatron_logs_through(tmp_path, how):
     args = ["eval", "--load", str(tmp_path / "missing")]
     done = _run(*args, "--verbose") if how == "flag" else _run(*args, env={"MINITRON_DEBUG": "1"})
     assert BANNER in done.stdout + done.stderr
+
+
+def test_load_of_a_training_output_folder_reads_its_final_model(tmp_path, tiny_tokenizer_dir,
+                                                                 capsys):
+    import functools
+    import json
+
+    from conftest import tiny_text
+    from megatron_minitron.cli import main as cli
+    from megatron_minitron.testing import save_tiny_checkpoint, spawn
+
+    run = tmp_path / "distilled"
+    spawn(functools.partial(save_tiny_checkpoint, vocab_size=320), 1, str(run / "final"),
+          tiny_tokenizer_dir)
+    (run / "checkpoints").mkdir()
+    text = tmp_path / "text.txt"
+    text.write_text(tiny_text(800, seed=3))
+    out = tmp_path / "eval.json"
+    assert cli(["eval", "--load", str(run), "--text-file", str(text), "--seq-length", "32",
+                "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["loss"] > 0 and result["checkpoint"].endswith("final"), result
+
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    capsys.readouterr()
+    assert cli(["eval", "--load", str(unfinished), "--text-file", str(text),
+                "--seq-length", "32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without a final model" in err[0] and "--resume auto" in err[0], err

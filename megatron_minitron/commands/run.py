@@ -74,11 +74,13 @@ def dry_run(recipe, steps) -> None:
 def run_step(step: Step) -> float:
     """Runs one stage in this process (every rank); returns its seconds."""
     from megatron_minitron import cli, parallel
+    from megatron_minitron.checkpoint.io import resolve_load_args
 
     args = parse_step(step)
     _say(f"== step {step.name}: {step.command_line()}")
     started = time.perf_counter()
     try:
+        resolve_load_args(args)
         code = cli._command_module(step.command).main(args)
     except ValueError as err:  # UsageError and config checks: name the step
         raise UsageError(f"step {step.name} (minitron {step.command}): {err}") from None
