@@ -123,6 +123,13 @@ def test_dry_run_prints_commands_and_planned_cost(workspace, tmp_path, capsys):
     student_n = count_parameters(target_config(io.load_config(teacher), TARGET))["total"]
     assert rows["distill"]["params"] == student_n and rows["distill"]["tokens"] == 4 * 4 * SEQ
     assert rows["distill"]["flops"] == (6 * student_n + 2 * teacher_n) * 4 * 4 * SEQ
+    steps_table, models_table = [
+        {line.split(" | ")[0].strip("| "): line.split(" | ") for line in block.splitlines()
+         if line.startswith("| ")}
+        for block in (workdir / "cost.md").read_text().split("\n\n")[1:3]]
+    assert steps_table["prune"][3] == "–" and steps_table["distill"][3] == f"{teacher_n:,}"
+    assert models_table["distill"][4:] == ["–", "– |"]  # no scratch_tokens: nothing to compare
+    assert "– = does not apply" in (workdir / "cost.md").read_text()
 
 
 # ----------------------------------------------------------------------------- real runs
