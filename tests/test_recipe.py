@@ -168,6 +168,9 @@ def test_run_chain_then_rerun_skips_everything(workspace, tmp_path, capsys):
     assert cli(["run", path]) == 0
     second = capsys.readouterr().out
     assert second.count("skipped") == 4 and "done in" not in second
+    rerun = {row["name"]: row for row in json.loads((workdir / "cost.json").read_text())["steps"]}
+    assert [rerun[name].get("seconds") for name in rows] == \
+        [row["seconds"] for row in rows.values()]  # the re-run keeps the first run's timings
     assert [p.stat().st_mtime_ns for p in outputs] == mtimes
 
 
