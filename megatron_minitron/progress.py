@@ -125,3 +125,35 @@ def lines_above_bars(active: bool = True):
             yield
         finally:
             writer.flush()
+
+
+@contextlib.contextmanager
+def third_party_bars():
+    """Lets libraries' own tqdm bars (transformers' weight loading, GGUF dequantisation) show
+    only where ours would: on rank 0 of a terminal, or with ``MINITRON_PROGRESS=1``."""
+    if enabled():
+        yield
+        return
+    saved = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the default of every tqdm() call (tqdm >= 4.66)
+    hf_logging = _transformers_logging()
+    hf_was_on = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if hf_was_on:
+        hf_logging.disable_progress_bar()  # transformers passes disable= itself
+    try:
+        yield
+    finally:
+        if hf_was_on:
+            hf_logging.enable_progress_bar()
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
+
+
+def _transformers_logging():
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return None
+    return hf_logging

@@ -64,3 +64,23 @@ def test_load_of_a_training_output_folder_reads_its_final_model(tmp_path, tiny_t
                 "--seq-length", "32"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "without a final model" in err[0] and "--resume auto" in err[0], err
+
+
+def test_import_under_a_pipe_draws_no_bars(tmp_path, tiny_tokenizer_dir):
+    """transformers' own weight-loading bars stay off a pipe, like ours."""
+    import shutil
+
+    import transformers
+
+    hf = tmp_path / "hf"
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(hf)
+    for name in os.listdir(tiny_tokenizer_dir):
+        shutil.copy(os.path.join(tiny_tokenizer_dir, name), hf / name)
+    done = _run("import-hf", "--hf-path", str(hf), "--output", str(tmp_path / "ckpt"),
+                env={"MINITRON_PROGRESS": ""})
+    assert done.returncode == 0, done.stderr
+    assert "it/s]" not in done.stderr and "%|" not in done.stderr, done.stderr
