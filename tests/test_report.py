@@ -180,3 +180,23 @@ def test_recipe_with_forced_bars_then_report(tmp_path, tiny_tokenizer_dir, monke
     log = report.read_log(str(tmp_path / "work" / "distill" / "log.jsonl"))
     assert [r["tokens_seen"] for r in log["train"]] == [128, 256, 384]
     assert os.path.isfile(tmp_path / "work" / "distill_loss.png")
+
+
+def test_importance_plot_has_keys_and_readable_layer_bars(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from megatron_minitron.importance import random_scores
+    from megatron_minitron.importance.plot import plot_scores, scores_figure
+    from megatron_minitron.testing import tiny_config
+
+    scores = random_scores(tiny_config(), seed=1)
+    scores["layer_bi"][0] = 1.0  # the first layer dwarfs the rest, as in real models
+    scores["layer_bi"][1:] = 0.01
+    fig = scores_figure(scores)
+    labels = {ax.get_ylabel() for ax in fig.axes}
+    assert {"head score", "layer"} <= labels  # colour bars say what the colour means
+    (bi_axis,) = [ax for ax in fig.axes if ax.get_title() == "layer importance"]
+    assert bi_axis.get_yscale() == "log"
+    plt.close(fig)
+    plot_scores(scores, str(tmp_path / "scores.png"))
+    assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"
