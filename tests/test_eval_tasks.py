@@ -244,6 +244,8 @@ def test_cli_json_shape(workspace, capsys):
         assert metrics["items"] == 2 and 0 <= metrics["acc"] <= 1 and 0 <= metrics["acc_norm"] <= 1
     assert result["tasks"]["winogrande"]["acc"] == result["tasks"]["winogrande"]["acc_norm"]
     assert result["tasks"]["lambada"]["ppl"] > 1 and "acc_norm" not in result["tasks"]["lambada"]
+    assert result["tasks"]["piqa"]["chance"] == 0.5 and result["tasks"]["lambada"]["chance"] == 0
+    assert result["items_per_second"] == pytest.approx(6 / result["task_seconds"], rel=0.05)
     printed = capsys.readouterr().out
     assert "piqa" in printed and "acc_norm" in printed and "loss" in printed
 
