@@ -80,6 +80,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from megatron_minitron import progress
+
+    progress.quiet_third_party_bars()
     quiet_megatron_logs("--verbose" in argv or os.environ.get("MINITRON_DEBUG") == "1")
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in COMMANDS:

@@ -138,3 +138,20 @@ def test_iterative_pruning_in_rounds(workspace):
     assert round1["model"]["num_layers"] == 3
     final_info = io.read_checkpoint_info(out)
     assert final_info["meta"]["pruned_from"].endswith("round1")
+
+
+def test_random_init_writes_the_target_afresh(workspace, capsys):
+    root, ckpt, text = workspace
+    out = str(root / "random_init")
+    assert cli(["prune", "--load", ckpt, "--random-init", "--target",
+                "ffn_hidden_size=64,num_layers=1", "--output", out]) == 0
+    source, fresh = io.load_config(ckpt), io.load_config(out)
+    assert fresh == source.replace(ffn_hidden_size=64, num_layers=1)
+    assert io.read_checkpoint_info(out)["meta"]["random_init"] is True
+    assert os.path.isdir(os.path.join(out, "tokenizer"))
+    assert cli(["eval", "--load", out, "--text-file", text, "--seq-length", str(SEQ)]) == 0
+    capsys.readouterr()
+    assert cli(["prune", "--load", ckpt, "--target", "ffn_hidden_size=64",
+                "--output", str(root / "no_scores")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scores is required" in err[0], err
