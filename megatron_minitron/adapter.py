@@ -6,6 +6,7 @@ through the functions here, so a change in mcore is mended in this file alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 from typing import Dict, List
@@ -229,6 +230,42 @@ def word_embeddings(model: GPTModel) -> torch.nn.Module:
 def output_layer(model: GPTModel) -> torch.nn.Module:
     """Column-parallel output projection (last stage); it holds no weight when tied."""
     return model.output_layer
+
+
+def accepts_attention_mask(model: GPTModel) -> bool:
+    """True when every layer's core attention applies the ``attention_mask`` it is given
+    (mcore's local ``DotProductAttention``); Transformer Engine's causal kernels ignore it."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    layers = decoder_layers(model)
+    return all(isinstance(getattr(layer.self_attention, "core_attention", None),
+                          DotProductAttention) for layer in layers)
+
+
+@contextlib.contextmanager
+def rotary_positions(model: GPTModel, positions):
+    """Inside ``with``, the model's RoPE uses ``positions`` [b, s] instead of 0..s-1.
+
+    mcore's GPTModel computes rotary frequencies for positions 0..s-1 ([s, 1, 1, d]) and
+    ignores ``position_ids``; a forward hook on its rotary module hands the attention layers
+    the frequencies of each row's own positions instead ([s, b, 1, d], which mcore's RoPE
+    broadcasts over heads).
+    """
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if positions is None or rotary is None:
+        yield
+        return
+
+    def hook(module, args, output):
+        if not torch.is_tensor(output):
+            raise NotImplementedError(f"explicit positions with {type(module).__name__}")
+        return output[:, 0, 0, :][positions.t()].unsqueeze(2)  # [s, b, 1, d]
+
+    handle = rotary.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------- state dict naming

@@ -123,6 +123,13 @@ def test_dry_run_prints_commands_and_planned_cost(workspace, tmp_path, capsys):
     student_n = count_parameters(target_config(io.load_config(teacher), TARGET))["total"]
     assert rows["distill"]["params"] == student_n and rows["distill"]["tokens"] == 4 * 4 * SEQ
     assert rows["distill"]["flops"] == (6 * student_n + 2 * teacher_n) * 4 * 4 * SEQ
+    steps_table, models_table = [
+        {line.split(" | ")[0].strip("| "): line.split(" | ") for line in block.splitlines()
+         if line.startswith("| ")}
+        for block in (workdir / "cost.md").read_text().split("\n\n")[1:3]]
+    assert steps_table["prune"][3] == "–" and steps_table["distill"][3] == f"{teacher_n:,}"
+    assert models_table["distill"][4:] == ["–", "– |"]  # no scratch_tokens: nothing to compare
+    assert "– = does not apply" in (workdir / "cost.md").read_text()
 
 
 # ----------------------------------------------------------------------------- real runs
@@ -161,6 +168,9 @@ def test_run_chain_then_rerun_skips_everything(workspace, tmp_path, capsys):
     assert cli(["run", path]) == 0
     second = capsys.readouterr().out
     assert second.count("skipped") == 4 and "done in" not in second
+    rerun = {row["name"]: row for row in json.loads((workdir / "cost.json").read_text())["steps"]}
+    assert [rerun[name].get("seconds") for name in rows] == \
+        [row["seconds"] for row in rows.values()]  # the re-run keeps the first run's timings
     assert [p.stat().st_mtime_ns for p in outputs] == mtimes
 
 

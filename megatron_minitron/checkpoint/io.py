@@ -49,6 +49,35 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, CONFIG_FILE))
 
 
+MODEL_SUBDIRS = ("final", "best")
+"""Output folders that stand for one model: a training run's ``final/``, a search's ``best``."""
+
+LOAD_ARGS = ("load", "teacher", "student")
+"""Command arguments that name a model to read."""
+
+
+def resolve_model_dir(path: str) -> str:
+    """``path`` itself when it is a checkpoint; for the output folder of ``minitron distill``/
+    ``train``/``correct-teacher`` (or ``search``) the model it produced (``final``/``best``)."""
+    if os.path.isdir(path) and not is_checkpoint(path):
+        for name in MODEL_SUBDIRS:
+            inner = os.path.join(path, name)
+            if is_checkpoint(inner):
+                return inner
+    return path
+
+
+def resolve_load_args(args) -> None:
+    """Points every model-reading argument of a parsed command at the model itself."""
+    for name in LOAD_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            resolved = resolve_model_dir(value)
+            if resolved != value:
+                parallel.log_rank0(f"--{name} {value}: using its model {resolved}")
+                setattr(args, name, resolved)
+
+
 def check_output_path(path: str) -> None:
     """Raises unless ``path`` is absent, an empty directory, or one of our checkpoints."""
     if not os.path.exists(path):
@@ -69,6 +98,10 @@ def read_checkpoint_info(path: str) -> Dict[str, Any]:
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {path} is not a directory; pass a checkpoint directory")
     config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path) and os.path.isdir(os.path.join(path, "checkpoints")):
+        raise CheckpointError(
+            f"--load {path} is a training output folder without a final model (the run has not "
+            f"finished): resume it with `--resume auto`, or pass one of {path}/checkpoints/*")
     if not os.path.isfile(config_path):
         raise CheckpointError(
             f"--load {path} has no {CONFIG_FILE}: not a megatron_minitron checkpoint "

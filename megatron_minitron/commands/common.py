@@ -37,9 +37,12 @@ def check_data_arguments(args, cfg: ModelConfig) -> None:
     if args.data_prefix and not os.path.isfile(args.data_prefix + ".idx"):
         raise UsageError(f"--data-prefix {args.data_prefix} has no .idx/.bin files; build them "
                          "with `minitron preprocess-data`")
-    if args.seq_length < 1 or args.seq_length > cfg.max_position_embeddings:
-        raise UsageError(f"--seq-length {args.seq_length} is outside 1..{cfg.max_position_embeddings}"
-                         " (the model's max_position_embeddings); use a shorter sequence")
+    if args.seq_length < 1:
+        raise UsageError(f"--seq-length {args.seq_length} must be >= 1 (tokens per sample)")
+    if args.seq_length > cfg.max_position_embeddings:
+        raise UsageError(f"--seq-length {args.seq_length} is longer than the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings}; use a shorter "
+                         "sequence")
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num-samples {args.num_samples} must be >= 1")
     if args.micro_batch_size < 1:

@@ -131,7 +131,10 @@ def evaluate_checkpoint(args, names=()) -> dict:
         start = time.perf_counter()
         result["tasks"] = score_tasks(model, prepared, cfg.max_position_embeddings,
                                       args.micro_batch_size or TASK_MICRO_BATCH)
-        result.update(limit=args.limit, task_seconds=round(time.perf_counter() - start, 2))
+        seconds = time.perf_counter() - start
+        items = sum(len(task_items) for task_items in prepared.items.values())
+        result.update(limit=args.limit, task_seconds=round(seconds, 2),
+                      items_per_second=round(items / max(seconds, 1e-9), 3))
     return result
 
 
@@ -159,7 +162,8 @@ def main(args) -> int:
                       f"{result['tokens']}  ({result['layout']})")
             if "tasks" in result:
                 print(format_tasks(result["tasks"]))
-                print(f"({result['layout']}, {result['task_seconds']:.1f} s)")
+                print(f"({result['layout']}, {result['task_seconds']:.1f} s, "
+                      f"{result['items_per_second']:.2f} items/s)")
             if args.json:
                 tmp = args.json + ".tmp"
                 with open(tmp, "w") as handle:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
@@ -25,7 +26,12 @@ logger = logging.getLogger("megatron_minitron")
 
 def add_arguments(parser, name):
     parser.add_argument("--load", required=True, help="source checkpoint directory")
-    parser.add_argument("--scores", required=True, help="SCORES file from `minitron importance`")
+    parser.add_argument("--scores", help="SCORES file from `minitron importance` (required "
+                        "unless --random-init)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="write the target architecture with freshly initialised weights "
+                             "(mcore's initialisation, --seed) instead of pruned ones: the "
+                             "from-scratch baseline a pruned student is compared with")
     parser.add_argument("--target", default="",
                         help="KEY=VALUE,... of num_layers, hidden_size, ffn_hidden_size, "
                              "num_attention_heads, num_query_groups")
@@ -60,8 +66,6 @@ def parse_drop_layers(text):
 
 
 def main(args) -> int:
-    import os
-
     from megatron_minitron.checkpoint.io import load_config, read_checkpoint_info
     from megatron_minitron.prune import describe_counts, parse_target
 
@@ -69,7 +73,15 @@ def main(args) -> int:
     drop = parse_drop_layers(args.drop_layers)
     read_checkpoint_info(args.load)
     source = load_config(args.load)
-    if args.iterations > 1:
+    if args.random_init:
+        if drop is not None or args.iterations > 1:
+            raise UsageError("--random-init writes the --target architecture afresh; it takes "
+                             "no --drop-layers or --iterations")
+        plan_target = _random_init(args, source, target)
+    elif args.scores is None:
+        raise UsageError("--scores is required (write it with `minitron importance`), unless "
+                         "--random-init")
+    elif args.iterations > 1:
         if drop is not None:
             raise UsageError("--iterations needs a --depth-metric, not --drop-layers")
         if not (args.text_file or args.data_prefix) or args.seq_length is None:
@@ -90,10 +102,28 @@ def main(args) -> int:
     if parallel.is_rank0():
         print(f"source: {describe_counts(source)}")
         print(f"pruned: {describe_counts(plan_target)}")
-        kept = read_checkpoint_info(args.output)["meta"].get("kept_layers")
-        print(f"kept layers (of the last round's source): {kept}")
+        meta = read_checkpoint_info(args.output)["meta"]
+        if meta.get("random_init"):
+            print(f"weights: freshly initialised (seed {args.seed})")
+        else:
+            print(f"kept layers (of the last round's source): {meta.get('kept_layers')}")
         print(f"wrote {args.output}")
     return 0
+
+
+def _random_init(args, source, target):
+    """The target architecture with mcore's initialisation (every rank; a collective save)."""
+    from megatron_minitron import adapter
+    from megatron_minitron.checkpoint.io import check_output_path, save_checkpoint
+    from megatron_minitron.prune.plan import target_config
+
+    cfg = target_config(source, target, args.target_tp, args.target_pp)
+    check_output_path(args.output)
+    with parallel.parallel_context(1, 1, seed=args.seed):
+        save_checkpoint(adapter.build_gpt_model(cfg), cfg, args.output, tokenizer_from=args.load,
+                        meta={"random_init": True, "seed": args.seed,
+                              "source": os.path.abspath(args.load)})
+    return cfg
 
 
 def _iterative(args, source, target):

@@ -26,6 +26,7 @@ from typing import Dict
 
 from megatron_minitron import progress
 from megatron_minitron.errors import UsageError
+from megatron_minitron.files import read_json
 from megatron_minitron.cost import format_cost, recipe_cost, write_cost
 from megatron_minitron.recipe import (
     Step,
@@ -74,11 +75,13 @@ def dry_run(recipe, steps) -> None:
 def run_step(step: Step) -> float:
     """Runs one stage in this process (every rank); returns its seconds."""
     from megatron_minitron import cli, parallel
+    from megatron_minitron.checkpoint.io import resolve_load_args
 
     args = parse_step(step)
     _say(f"== step {step.name}: {step.command_line()}")
     started = time.perf_counter()
     try:
+        resolve_load_args(args)
         code = cli._command_module(step.command).main(args)
     except UsageError as err:  # bad input: name the step (other errors keep their traceback)
         raise UsageError(f"step {step.name} (minitron {step.command}): {err}") from None
@@ -88,6 +91,14 @@ def run_step(step: Step) -> float:
     seconds = time.perf_counter() - started
     _say(f"== step {step.name}: done in {seconds:.1f} s")
     return seconds
+
+
+def recorded_seconds(recipe) -> Dict[str, float]:
+    """Step seconds of an earlier run of this recipe (``WORKDIR/cost.json``), for the steps a
+    re-run skips, so the reports keep every step's time."""
+    earlier = read_json(os.path.join(recipe.workdir, "cost.json")) or {}
+    return {row["name"]: row["seconds"] for row in earlier.get("steps", [])
+            if row.get("seconds") is not None and row.get("done")}
 
 
 def main(args) -> int:
@@ -100,13 +111,16 @@ def main(args) -> int:
             dry_run(recipe, steps)
         return 0
     check_inputs(recipe, steps)
-    seconds: Dict[str, float] = {}
+    seconds = recorded_seconds(recipe)
     with parallel.held_process_group():
         if parallel.is_rank0():
             os.makedirs(recipe.workdir, exist_ok=True)
         parallel.barrier()
+        # Steps differ in cost by orders of magnitude: no ETA from their average (each stage's
+        # own bar estimates its own work).
         overall = progress.bar(total=len(steps), desc=f"recipe {recipe.name}", leave=True,
-                               unit="step")
+                               unit="step", bar_format="{desc}: {n_fmt}/{total_fmt} steps, "
+                               "{elapsed} elapsed")
         with progress.lines_above_bars(progress.enabled()):
             for index, step in enumerate(steps, 1):
                 overall.set_description(f"recipe {recipe.name} [{index}/{len(steps)} "

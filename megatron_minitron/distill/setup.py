@@ -94,7 +94,6 @@ def _data(trainer, tokenizer, dp_rank: int, dp: int, start_step: int):
 
 def _optimizer(trainer, ddp_model, student_dtype, dp: int):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = trainer.config
     opt_config = OptimizerConfig(
@@ -105,13 +104,24 @@ def _optimizer(trainer, ddp_model, student_dtype, dp: int):
         use_distributed_optimizer=dp > 1)
     with cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    return optimizer, lr_scheduler(optimizer, config)
+
+
+def lr_scheduler(optimizer, config):
+    """mcore's scheduler: linear warm-up over ``lr_warmup_steps``, then cosine to ``min_lr``.
+
+    The warm-up starts one step in (``lr·1/(W+1)``, …, ``lr`` at step W) so the first step
+    learns too; mcore's own ramp from ``init_lr=0`` would spend it at learning rate 0.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     steps = config.train_steps()
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr,
-        lr_warmup_steps=config.lr_warmup_steps, lr_decay_steps=steps, lr_decay_style="cosine",
+    warmup = config.lr_warmup_steps
+    return OptimizerParamScheduler(
+        optimizer, init_lr=config.lr / (warmup + 1), max_lr=config.lr, min_lr=config.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=steps, lr_decay_style="cosine",
         start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=steps,
         wd_incr_style="constant")
-    return optimizer, scheduler
 
 
 def wrap_for_training(student, teacher, student_cfg, teacher_cfg, pairs=(),

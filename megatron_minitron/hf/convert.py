@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_minitron import progress
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.errors import UsageError
 from megatron_minitron.hf import mapping
@@ -120,8 +121,10 @@ def _load_hf_state(hf_path: str, gguf_file: Optional[str], where: str) -> Dict[s
     """The model's fp32 state dict (GGUF weights are dequantized by transformers)."""
     transformers = _transformers()
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            hf_path, gguf_file=gguf_file, local_files_only=True, **dtype_kwarg(torch.float32))
+        with progress.third_party_bars():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                hf_path, gguf_file=gguf_file, local_files_only=True,
+                **dtype_kwarg(torch.float32))
     except Exception as err:  # noqa: BLE001
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"{where}: cannot load the model weights ({reason})") from err

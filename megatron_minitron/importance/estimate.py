@@ -135,7 +135,8 @@ def load_scores(path: str, cfg: Optional[ModelConfig] = None) -> Dict[str, Any]:
     try:
         scores = torch.load(path, weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UsageError(f"--scores {path} is not a readable scores file ({err})") from err
+        raise UsageError(f"--scores {path} is not a scores file (write one with `minitron "
+                         "importance --output SCORES`)") from err
     if not isinstance(scores, dict) or "meta" not in scores or "head" not in scores:
         raise UsageError(f"--scores {path} is not a megatron_minitron scores file")
     if cfg is not None:

@@ -27,7 +27,9 @@ def pipeline_forward(
 ) -> Optional[List[Dict[str, torch.Tensor]]]:
     """Runs forward-only over ``micro_batches`` at the current layout (collective over PP).
 
-    Each micro-batch holds ``tokens`` [b, s] (and ``labels`` [b, s] when ``with_labels``).
+    Each micro-batch holds ``tokens`` [b, s] (and ``labels`` [b, s] when ``with_labels``), and
+    may hold ``positions`` [b, s] (RoPE positions) with ``attention_mask`` [b, 1, s, s] (True =
+    masked) for rows that are not one causal sequence (see ``adapter.accepts_attention_mask``).
     ``collect(output, batch)`` runs on the last pipeline stage with the model output — logits
     [b, s, v/tp] or, with labels, the per-token loss [b, s] — and returns a dict of tensors.
     Returns the list of those dicts on the last stage and None on other stages.
@@ -40,12 +42,14 @@ def pipeline_forward(
     def forward_step(data_iterator, stage_model):
         batch = _to_device(next(data_iterator), device)
         tokens = batch["tokens"]
-        output = stage_model(
-            tokens,
-            position_ids_for(tokens),
-            attention_mask=None,
-            labels=batch["labels"] if with_labels else None,
-        )
+        positions = batch.get("positions")
+        with adapter.rotary_positions(stage_model, positions):
+            output = stage_model(
+                tokens,
+                position_ids_for(tokens) if positions is None else positions,
+                attention_mask=batch.get("attention_mask"),
+                labels=batch["labels"] if with_labels else None,
+            )
 
         def loss_func(output_tensor):
             return torch.zeros((), device=device), collect(output_tensor, batch)
