@@ -65,6 +65,14 @@ class _Models:
         return count_parameters(cfg)["total"] if cfg is not None else None
 
 
+def planned_models(recipe: Recipe) -> _Models:
+    """Every step's model config (read where its checkpoint exists, planned otherwise)."""
+    models = _Models()
+    for step in recipe.steps:
+        step_cost(step, models)
+    return models
+
+
 def _pruned_config(args, source: Optional[ModelConfig]) -> Optional[ModelConfig]:
     from megatron_minitron.prune.plan import parse_target, target_config
 

@@ -94,6 +94,33 @@ def test_bad_recipe_is_one_line_before_any_stage(case, tmp_path, capsys):
     assert not workdir.exists()
 
 
+STEP_CHECKS = [
+    (2, {"train_tokens": -5}, "step distill (minitron distill): --train-tokens -5 must be >= 1"),
+    (2, {"lr_warmup_steps": 50}, "--lr-warmup-steps 50 must be below the 4 training steps"),
+    (1, {"target": {"hidden_size": 4096}}, "step prune (minitron prune): --target hidden_size=4096 is larger"),
+    (3, {"seq_length": 4096}, "step eval (minitron eval): --seq-length 4096 is longer than the "
+                              "model's max_position_embeddings"),
+]
+
+
+@pytest.mark.parametrize("index,change,message", STEP_CHECKS,
+                         ids=["tokens", "warmup", "target", "positions"])
+@pytest.mark.parametrize("dry", [False, True], ids=["run", "dry_run"])
+def test_every_step_is_checked_before_the_first(workspace, tmp_path, capsys, index, change,
+                                                message, dry):
+    """A bad value in a late step fails at once, with the command's own check (also on a
+    model an earlier step will make), before anything runs or is written."""
+    root, teacher, text = workspace
+    steps = _steps(text)
+    steps[index].update(change)
+    workdir = tmp_path / "work"
+    path = _recipe(tmp_path / "r.yaml", workdir, teacher, steps)
+    assert cli(["run", path] + (["--dry-run"] if dry else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not workdir.exists()
+
+
 # ----------------------------------------------------------------------------- dry run
 
 def test_dry_run_prints_commands_and_planned_cost(workspace, tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+from typing import Callable, Optional
 
 import torch
 
@@ -27,8 +28,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, num_samples: int | None,
     group.add_argument("--micro-batch-size", type=int, default=1, help="samples per forward")
 
 
-def check_data_arguments(args, cfg: ModelConfig) -> None:
-    """Cheap checks before any model is built."""
+def check_data_arguments(args, cfg: Optional[ModelConfig]) -> None:
+    """Cheap checks before any model is built (``cfg`` None: a model not made yet, whose
+    positions are not checked)."""
     for path in args.text_file or []:
         if not os.path.exists(path):
             raise UsageError(f"--text-file {path} does not exist; pass a text/JSONL file or folder")
@@ -39,7 +41,7 @@ def check_data_arguments(args, cfg: ModelConfig) -> None:
                          "with `minitron preprocess-data`")
     if args.seq_length < 1:
         raise UsageError(f"--seq-length {args.seq_length} must be >= 1 (tokens per sample)")
-    if args.seq_length > cfg.max_position_embeddings:
+    if cfg is not None and args.seq_length > cfg.max_position_embeddings:
         raise UsageError(f"--seq-length {args.seq_length} is longer than the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings}; use a shorter "
                          "sequence")
@@ -80,3 +82,12 @@ def load_samples(args, checkpoint: str, cfg: ModelConfig) -> torch.Tensor:
 def fingerprint(samples: torch.Tensor) -> str:
     """sha256 of the exact token ids used."""
     return hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16]
+
+
+ModelLookup = Callable[[str], Optional[ModelConfig]]
+"""``path → ModelConfig`` of a checkpoint, or of one a recipe will make; None when unknown."""
+
+
+def existing_model(path: str) -> Optional[ModelConfig]:
+    """The :data:`ModelLookup` of a plain command: the checkpoint must exist (one-line error)."""
+    return checkpoint_config(path)

@@ -20,9 +20,11 @@ import time
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
 from megatron_minitron.commands.common import (
+    ModelLookup,
     add_data_arguments,
     check_data_arguments,
     checkpoint_config,
+    existing_model,
     fingerprint,
     load_samples,
 )
@@ -47,7 +49,7 @@ def add_arguments(parser, name):
     add_layout_arguments(parser)
 
 
-def check_arguments(args) -> list:
+def check_arguments(args, model_config: ModelLookup = existing_model) -> list:
     """Every cheap check, before any process group or model; returns the task names."""
     from megatron_minitron.checkpoint.io import tokenizer_dir
     from megatron_minitron.evaluation.tasks import eval_sets_root, parse_task_names
@@ -63,9 +65,9 @@ def check_arguments(args) -> list:
                          "--seq-length (LM loss), --tasks (downstream accuracy), or both")
     if has_text and args.seq_length is None:
         raise UsageError("--seq-length is required with --text-file/--data-prefix")
-    cfg = checkpoint_config(args.load)
+    cfg = model_config(args.load)
     if names:
-        if tokenizer_dir(args.load) is None:
+        if os.path.isdir(args.load) and tokenizer_dir(args.load) is None:
             raise UsageError(f"--load {args.load} carries no tokenizer/ folder, which --tasks "
                              "needs; re-save it with its tokenizer (e.g. `minitron import-hf`)")
         args.eval_sets = eval_sets_root(args.eval_sets)
@@ -172,3 +174,6 @@ def main(args) -> int:
     finally:
         parallel.teardown()
     return 0
+
+
+validate = check_arguments  # what ``minitron run`` checks for each eval step up front

@@ -12,9 +12,11 @@ import os
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
 from megatron_minitron.commands.common import (
+    ModelLookup,
     add_data_arguments,
     check_data_arguments,
     checkpoint_config,
+    existing_model,
     fingerprint,
     load_samples,
 )
@@ -39,15 +41,22 @@ def add_arguments(parser, name):
     add_layout_arguments(parser)
 
 
-def main(args) -> int:
+def validate(args, model_config: ModelLookup = existing_model):
+    """Every check before any model is built (``minitron run`` runs it for each step up
+    front); returns the ImportanceConfig."""
     from megatron_minitron.importance import ImportanceConfig
 
     icfg = ImportanceConfig(aggregation=args.aggregation, neuron_source=args.neuron_source,
                             depth=args.depth, depth_samples=args.depth_samples)
-    cfg = checkpoint_config(args.load)
-    check_data_arguments(args, cfg)
+    check_data_arguments(args, model_config(args.load))
     if os.path.isdir(args.output):
         raise UsageError(f"--output {args.output} is a directory; pass a file name")
+    return icfg
+
+
+def main(args) -> int:
+    cfg = checkpoint_config(args.load)
+    icfg = validate(args, lambda path: cfg)
     try:
         layout = parallel.initialize(args.tp, args.pp, args.seed)
         cfg.check_layout(layout.tp, layout.pp)

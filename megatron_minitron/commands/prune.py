@@ -18,7 +18,13 @@ import os
 
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
-from megatron_minitron.commands.common import add_data_arguments, check_data_arguments, load_samples
+from megatron_minitron.commands.common import (
+    ModelLookup,
+    add_data_arguments,
+    check_data_arguments,
+    existing_model,
+    load_samples,
+)
 from megatron_minitron.errors import UsageError
 
 logger = logging.getLogger("megatron_minitron")
@@ -65,29 +71,43 @@ def parse_drop_layers(text):
         raise UsageError(f"--drop-layers {text!r} must be comma-separated integers") from None
 
 
-def main(args) -> int:
-    from megatron_minitron.checkpoint.io import load_config, read_checkpoint_info
-    from megatron_minitron.prune import describe_counts, parse_target
+def validate(args, model_config: ModelLookup = existing_model):
+    """Every check before any weight is read (``minitron run`` runs it for each step up
+    front); returns ``(target, drop_layers)``."""
+    from megatron_minitron.prune import parse_target
+    from megatron_minitron.prune.plan import target_config
 
     target = parse_target(args.target)
     drop = parse_drop_layers(args.drop_layers)
-    read_checkpoint_info(args.load)
-    source = load_config(args.load)
-    if args.random_init:
-        if drop is not None or args.iterations > 1:
-            raise UsageError("--random-init writes the --target architecture afresh; it takes "
-                             "no --drop-layers or --iterations")
-        plan_target = _random_init(args, source, target)
-    elif args.scores is None:
+    source = model_config(args.load)
+    if args.random_init and (drop is not None or args.iterations > 1):
+        raise UsageError("--random-init writes the --target architecture afresh; it takes "
+                         "no --drop-layers or --iterations")
+    if not args.random_init and args.scores is None:
         raise UsageError("--scores is required (write it with `minitron importance`), unless "
                          "--random-init")
-    elif args.iterations > 1:
+    if args.iterations > 1:
         if drop is not None:
             raise UsageError("--iterations needs a --depth-metric, not --drop-layers")
         if not (args.text_file or args.data_prefix) or args.seq_length is None:
             raise UsageError("--iterations > 1 re-estimates importance: pass --text-file or "
                              "--data-prefix and --seq-length")
         check_data_arguments(args, source)
+    if source is not None and drop is None:
+        target_config(source, target, args.target_tp, args.target_pp)
+    return target, drop
+
+
+def main(args) -> int:
+    from megatron_minitron.checkpoint.io import load_config, read_checkpoint_info
+    from megatron_minitron.prune import describe_counts
+
+    read_checkpoint_info(args.load)
+    source = load_config(args.load)
+    target, drop = validate(args, lambda path: source)
+    if args.random_init:
+        plan_target = _random_init(args, source, target)
+    elif args.iterations > 1:
         plan_target = _iterative(args, source, target)
     elif int(os.environ.get("RANK", "0")) != 0:  # streamed in one process; other ranks idle
         return 0

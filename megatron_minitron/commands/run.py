@@ -59,6 +59,26 @@ def _say(line: str) -> None:
         progress.write(line)
 
 
+def validate_steps(recipe, steps) -> None:
+    """Runs every selected step's own checks (those its command runs before any heavy work)
+    before the first step starts, with the model configs earlier steps will make: a bad value
+    in the last step fails at once, not after an hour of earlier steps."""
+    from megatron_minitron import cli
+    from megatron_minitron.cost import planned_models
+
+    models = planned_models(recipe)
+    for step in steps:
+        if step_done(step):
+            continue
+        validate = getattr(cli._command_module(step.command), "validate", None)
+        if validate is None:
+            continue
+        try:
+            validate(parse_step(step), models.config)
+        except UsageError as err:
+            raise UsageError(f"step {step.name} (minitron {step.command}): {err}") from None
+
+
 def dry_run(recipe, steps) -> None:
     for step in steps:
         state = "skip (output exists)" if step_done(step) else "run"
@@ -106,6 +126,7 @@ def main(args) -> int:
 
     recipe = load_recipe(args.recipe)
     steps = select_steps(recipe, args.only, args.start)
+    validate_steps(recipe, steps)
     if args.dry_run:
         if _launch_rank0():
             dry_run(recipe, steps)

@@ -279,3 +279,48 @@ def load_yaml(path: str) -> Dict[str, Any]:
         if isinstance(values.get(key), str):
             values[key] = values[key].split()
     return values
+
+
+def check_run(config: TrainConfig, world_size: int) -> None:
+    """Every check of a run that needs no checkpoint: required flags, the layout, batch
+    arithmetic, the schedule and the data paths. The trainer runs it first; ``minitron run``
+    runs it for every step of a recipe before the first step starts (and in ``--dry-run``)."""
+    from megatron_minitron import parallel
+
+    config.check_required()
+    parallel.check_layout(config.tp, config.pp, world_size)
+    dp = world_size // (config.tp * config.pp)
+    group = config.micro_batch_size * dp
+    if config.global_batch_size % group:
+        raise UsageError(
+            f"--global-batch-size {config.global_batch_size} is not divisible by "
+            f"--micro-batch-size {config.micro_batch_size} × data parallel size {dp}; use "
+            f"a multiple of {group}")
+    if config.train_tokens < config.global_batch_size * config.seq_length:
+        raise UsageError(f"--train-tokens {config.train_tokens} is less than one step "
+                         f"(global batch × seq length = "
+                         f"{config.global_batch_size * config.seq_length})")
+    if config.lr_warmup_steps >= config.train_steps():
+        raise UsageError(f"--lr-warmup-steps {config.lr_warmup_steps} must be below the "
+                         f"{config.train_steps()} training steps")
+    if config.text_file:
+        from megatron_minitron.data.text import input_files
+
+        files = input_files(config.text_file)  # raises for missing paths
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise UsageError(f"--text-file {' '.join(config.text_file)} is empty: no data "
+                             "to train on")
+    if config.data_prefix:
+        prefixes = [p for p in config.data_prefix if not _is_number(p)]
+        for prefix in prefixes:
+            if not os.path.isfile(prefix + ".idx"):
+                raise UsageError(f"--data-prefix {prefix} has no .idx/.bin files; build them "
+                                 "with `minitron preprocess-data`")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

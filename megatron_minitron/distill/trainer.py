@@ -28,7 +28,7 @@ from megatron_minitron import parallel
 from megatron_minitron.checkpoint.io import read_checkpoint_info
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.distill import state
-from megatron_minitron.distill.config import TrainConfig
+from megatron_minitron.distill.config import TrainConfig, check_run
 from megatron_minitron.distill.losses import LogitLossSpec, logits_loss
 from megatron_minitron.distill.model import LayerPair, check_pairs, parse_pairs
 from megatron_minitron.errors import UsageError
@@ -104,9 +104,7 @@ class Trainer:
 
     def _check_inputs(self) -> None:
         config, student, teacher = self.config, self.student_cfg, self.teacher_cfg
-        world = parallel.world_size_from_env()
-        parallel.check_layout(config.tp, config.pp, world)
-        dp = world // (config.tp * config.pp)
+        check_run(config, parallel.world_size_from_env())
         for name, cfg in (("student", student), ("teacher", teacher)):
             if cfg is None:
                 continue
@@ -124,32 +122,6 @@ class Trainer:
         if teacher is not None:
             check_tokenizers(config)
             check_pairs(self.pairs, teacher, student, config.pp)
-        group = config.micro_batch_size * dp
-        if config.global_batch_size % group:
-            raise UsageError(
-                f"--global-batch-size {config.global_batch_size} is not divisible by "
-                f"--micro-batch-size {config.micro_batch_size} × data parallel size {dp}; use "
-                f"a multiple of {group}")
-        if config.train_tokens < config.global_batch_size * config.seq_length:
-            raise UsageError(f"--train-tokens {config.train_tokens} is less than one step "
-                             f"(global batch × seq length = "
-                             f"{config.global_batch_size * config.seq_length})")
-        if config.lr_warmup_steps >= config.train_steps():
-            raise UsageError(f"--lr-warmup-steps {config.lr_warmup_steps} must be below the "
-                             f"{config.train_steps()} training steps")
-        if config.text_file:
-            from megatron_minitron.data.text import input_files
-
-            files = input_files(config.text_file)  # raises for missing paths
-            if all(os.path.getsize(f) == 0 for f in files):
-                raise UsageError(f"--text-file {' '.join(config.text_file)} is empty: no data "
-                                 "to train on")
-        if config.data_prefix:
-            prefixes = [p for p in config.data_prefix if not _is_number(p)]
-            for prefix in prefixes:
-                if not os.path.isfile(prefix + ".idx"):
-                    raise UsageError(f"--data-prefix {prefix} has no .idx/.bin files; build them "
-                                     "with `minitron preprocess-data`")
         if _tokenizer_source(config) is None and (config.text_file or config.data_prefix):
             raise UsageError("no tokenizer: the checkpoints carry none; pass --tokenizer")
 
@@ -326,14 +298,6 @@ def run_schedule(ddp_model, loss_spec: LogitLossSpec, batches, forward_only: boo
     last = parallel.global_rank(pp_group, parallel.group_size(pp_group) - 1)
     parallel.broadcast(sums, src=last, group=pp_group)
     return sums
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _means(sums: torch.Tensor) -> Dict[str, float]:
