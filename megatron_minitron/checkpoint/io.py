@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -151,24 +151,21 @@ def save_checkpoint(model, cfg: ModelConfig, path: str,
     parallel.barrier()
 
 
+def checkpoint_keys(path: str) -> List[str]:
+    """Keys of the tensors stored in checkpoint ``path`` (read from its metadata only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return list(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
 def load_weights(model, path: str) -> None:
     """Loads the checkpoint's weights into ``model`` (built at the current layout)."""
     from megatron.core import dist_checkpointing
 
-    sharded = model.sharded_state_dict()
-    canonical_to_module = {}
-    request = {}
-    for key, value in sharded.items():
-        if key.endswith("_extra_state"):
-            continue
-        canon = adapter.canonical_key(key)
-        canonical_to_module[canon] = key
-        if hasattr(value, "key"):
-            value.key = adapter.canonical_key(value.key)
-        request[canon] = value
+    request = adapter.match_checkpoint_keys(adapter.sharded_state_dict(model),
+                                            checkpoint_keys(path))
     loaded = dist_checkpointing.load(request, path)
-    state = {canonical_to_module[k]: v for k, v in loaded.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, "
@@ -180,7 +177,8 @@ def load_sharded(path: str, sharded: Dict[str, Any]) -> Dict[str, Any]:
     ``path``; collective. Returns the same keys holding the loaded tensors."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(sharded, path)
+    return dist_checkpointing.load(adapter.match_checkpoint_keys(sharded, checkpoint_keys(path)),
+                                   path)
 
 
 def load_checkpoint(path: str, params_dtype: torch.dtype = torch.float32):
