@@ -111,11 +111,11 @@ def _compare_specs(source, root, tp):
             results[name] = model, _logits(model), scores
             io.save_checkpoint(model, cfg, os.path.join(root, f"saved_{name}_tp{tp}"))
     (local, local_logits, local_scores), (te, te_logits, te_scores) = results["local"], results["te"]
-    assert type(te.decoder.layers[0].input_layernorm).__name__ == "IdentityOp"
-    assert all(norm.fused for norm in adapter.layer_norms(te.decoder.layers[0]))
     torch.testing.assert_close(te_logits, local_logits, rtol=0, atol=0)
     for key in SCORE_KEYS:
         torch.testing.assert_close(te_scores[key], local_scores[key], rtol=1e-6, atol=0)
+    assert type(te.decoder.layers[0].input_layernorm).__name__ == "IdentityOp"
+    assert all(norm.fused for norm in adapter.layer_norms(te.decoder.layers[0]))
     # the same checkpoint keys; each spec loads what the other saved
     saved = {name: os.path.join(root, f"saved_{name}_tp{tp}") for name in results}
     assert sorted(io.checkpoint_keys(saved["te"])) == sorted(io.checkpoint_keys(saved["local"]))
