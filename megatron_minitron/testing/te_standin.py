@@ -15,6 +15,7 @@ the local spec's. Use it as::
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,17 @@ class LayerNormColumnParallelLinear(ColumnParallelLinear):
 adapter.register_module_role(LayerNormColumnParallelLinear, adapter.FUSED_NORM_LINEAR)
 
 
+def _with_submodules(builder, **replacements):
+    """``builder`` (a ModuleSpec, or mcore 0.19's ``partial(cls, submodules=...)``) with some
+    of its submodules replaced."""
+    if isinstance(builder, functools.partial):
+        keywords = dict(builder.keywords)
+        keywords["submodules"] = dataclasses.replace(keywords["submodules"], **replacements)
+        return functools.partial(builder.func, *builder.args, **keywords)
+    return dataclasses.replace(builder, submodules=dataclasses.replace(builder.submodules,
+                                                                       **replacements))
+
+
 def te_shaped_spec(cfg: ModelConfig, config):
     """The layer spec (a :data:`adapter.LayerSpecFn`): TE's module layout on local modules.
 
@@ -70,18 +82,15 @@ def te_shaped_spec(cfg: ModelConfig, config):
     zero-centred norm the local spec uses (TE's own final norm, ``TENorm``, is one too).
     """
     local = get_gpt_layer_local_spec(normalization=cfg.normalization)
-    attention = local.submodules.self_attention
-    mlp = local.submodules.mlp
-    spec = dataclasses.replace(local, submodules=dataclasses.replace(
-        local.submodules,
+    spec = _with_submodules(
+        local,
         input_layernorm=IdentityOp,
         pre_mlp_layernorm=IdentityOp,
-        self_attention=dataclasses.replace(attention, submodules=dataclasses.replace(
-            attention.submodules, linear_qkv=LayerNormColumnParallelLinear)),
-        mlp=dataclasses.replace(mlp, submodules=dataclasses.replace(
-            mlp.submodules, linear_fc1=LayerNormColumnParallelLinear)),
+        self_attention=_with_submodules(local.submodules.self_attention,
+                                        linear_qkv=LayerNormColumnParallelLinear),
+        mlp=_with_submodules(local.submodules.mlp, linear_fc1=LayerNormColumnParallelLinear),
         sharded_state_dict_keys_map={},  # TE's own parameter names are the checkpoint's
-    ))
+    )
     if not cfg.layernorm_zero_centered_gamma:
         return spec
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
