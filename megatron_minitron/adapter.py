@@ -6,9 +6,9 @@ through the functions here, so a change in mcore is mended in this file alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
-import contextlib
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch

@@ -110,7 +110,8 @@ def _compare_specs(source, root, tp):
             scores = estimate_importance(model, cfg, _batches(), ImportanceConfig())
             results[name] = model, _logits(model), scores
             io.save_checkpoint(model, cfg, os.path.join(root, f"saved_{name}_tp{tp}"))
-    (local, local_logits, local_scores), (te, te_logits, te_scores) = results["local"], results["te"]
+    local, local_logits, local_scores = results["local"]
+    te, te_logits, te_scores = results["te"]
     torch.testing.assert_close(te_logits, local_logits, rtol=0, atol=0)
     for key in SCORE_KEYS:
         torch.testing.assert_close(te_scores[key], local_scores[key], rtol=1e-6, atol=0)
@@ -179,7 +180,8 @@ def _prune_both(source, root):
             assert pruned_cfg.hidden_size == TARGET["hidden_size"]
     # the pruned stand-in's fused norms hold the kept channels of the source's
     for new_layer, old_layer in zip(adapter.decoder_layers(model), adapter.decoder_layers(te)):
-        for new_norm, old_norm in zip(adapter.layer_norms(new_layer), adapter.layer_norms(old_layer)):
+        for new_norm, old_norm in zip(adapter.layer_norms(new_layer),
+                                      adapter.layer_norms(old_layer)):
             assert new_norm.fused and new_norm.weight.shape == (TARGET["hidden_size"],)
             assert torch.equal(new_norm.weight, old_norm.weight[channels])
             if old_norm.bias is not None:

@@ -5,6 +5,12 @@ Layout of a checkpoint directory ``CKPT``::
     CKPT/minitron_config.json   # {"format", "version", "model": ModelConfig, "meta": {...}}
     CKPT/metadata.json, *.distcp, common.pt   # megatron.core.dist_checkpointing (torch_dist)
 
+Tensors are named by mcore's scheme whichever layer spec built the model: a layer's norms under
+Transformer Engine's names (``decoder.layers.self_attention.linear_qkv.layer_norm_weight``,
+``decoder.layers.mlp.linear_fc1.layer_norm_weight``), as Megatron-LM checkpoints name them
+(version 2). Version 1 checkpoints named them ``input_layernorm.weight`` and
+``pre_mlp_layernorm.weight``; they load all the same (:func:`adapter.match_checkpoint_keys`).
+
 A save writes into ``CKPT.tmp`` and renames it into place only when every rank has finished, so a
 crash mid-save never leaves a directory that loads as complete. A directory is "ours" when it
 holds ``minitron_config.json``; nothing else is ever overwritten.
@@ -27,7 +33,8 @@ from megatron_minitron.files import write_json_atomic
 CONFIG_FILE = "minitron_config.json"
 TOKENIZER_DIR = "tokenizer"
 FORMAT = "megatron_minitron.checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: norms under mcore's (Transformer Engine) key names; 1: under the local spec's."""
 
 
 class CheckpointError(UsageError):

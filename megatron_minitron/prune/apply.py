@@ -1,8 +1,9 @@
 """Trimming weights to a :class:`PrunePlan`, one layer slice at a time.
 
 Where hidden size appears: embedding columns, every norm (its own module's weight, or the
-``layer_norm_weight``/``layer_norm_bias`` of the linear it is fused into), QKV and FC1 input columns, attention
-projection and FC2 output rows (and their biases), the untied output layer's columns.
+``layer_norm_weight``/``layer_norm_bias`` of the linear it is fused into), QKV and FC1 input
+columns, attention projection and FC2 output rows (and their biases), the untied output layer's
+columns.
 
 Head add-back (on by default): for each (kept i, pruned j) pair inside a query group, the kept
 head's output-projection columns become ``W_o[:, i] + (W_o[:, i] − W_o[:, j])`` — the paper's
