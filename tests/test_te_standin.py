@@ -247,3 +247,24 @@ def test_distillation_step_is_spec_independent(sources, tiny_tokenizer_dir, tmp_
     student = str(tmp_path / "student")
     spawn(_make_student, 1, student, tiny_tokenizer_dir)
     spawn(_distill_both, 1, paths["rmsnorm_swiglu"], student, str(text), str(tmp_path / "runs"))
+
+
+def test_former_key_names_are_found_only_where_the_checkpoint_uses_them():
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron_minitron import adapter
+
+    assert adapter.legacy_checkpoint_key(
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight") == \
+        "decoder.layers.input_layernorm.weight"
+    assert adapter.legacy_checkpoint_key(  # optimizer state is keyed by the parameter's key
+        "optimizer.exp_avg.decoder.layers.mlp.linear_fc1.layer_norm_bias") == \
+        "optimizer.exp_avg.decoder.layers.pre_mlp_layernorm.bias"
+    assert adapter.legacy_checkpoint_key("decoder.layers.mlp.linear_fc1.weight") == \
+        "decoder.layers.mlp.linear_fc1.weight"
+    request = {name: ShardedTensor.from_rank_offsets(key, torch.zeros(2))
+               for name, key in (("a", "decoder.layers.self_attention.linear_qkv.layer_norm_weight"),
+                                 ("b", "decoder.layers.mlp.linear_fc1.layer_norm_weight"))}
+    adapter.match_checkpoint_keys(request, ["decoder.layers.input_layernorm.weight",
+                                            "decoder.layers.mlp.linear_fc1.layer_norm_weight"])
+    assert request["a"].key == "decoder.layers.input_layernorm.weight"
+    assert request["b"].key == "decoder.layers.mlp.linear_fc1.layer_norm_weight"
