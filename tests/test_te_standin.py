@@ -261,9 +261,10 @@ def test_former_key_names_are_found_only_where_the_checkpoint_uses_them():
         "optimizer.exp_avg.decoder.layers.pre_mlp_layernorm.bias"
     assert adapter.legacy_checkpoint_key("decoder.layers.mlp.linear_fc1.weight") == \
         "decoder.layers.mlp.linear_fc1.weight"
+    keys = {"a": "decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+            "b": "decoder.layers.mlp.linear_fc1.layer_norm_weight"}
     request = {name: ShardedTensor.from_rank_offsets(key, torch.zeros(2))
-               for name, key in (("a", "decoder.layers.self_attention.linear_qkv.layer_norm_weight"),
-                                 ("b", "decoder.layers.mlp.linear_fc1.layer_norm_weight"))}
+               for name, key in keys.items()}
     adapter.match_checkpoint_keys(request, ["decoder.layers.input_layernorm.weight",
                                             "decoder.layers.mlp.linear_fc1.layer_norm_weight"])
     assert request["a"].key == "decoder.layers.input_layernorm.weight"
