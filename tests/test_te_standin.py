@@ -250,8 +250,8 @@ def test_distillation_step_is_spec_independent(sources, tiny_tokenizer_dir, tmp_
 
 
 def test_former_key_names_are_found_only_where_the_checkpoint_uses_them():
+    from megatron_minitron import adapter  # first: its CPU patches precede mcore's import
     from megatron.core.dist_checkpointing import ShardedTensor
-    from megatron_minitron import adapter
 
     assert adapter.legacy_checkpoint_key(
         "decoder.layers.self_attention.linear_qkv.layer_norm_weight") == \
