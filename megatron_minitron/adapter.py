@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
-from typing import Dict, List
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.activations import squared_relu  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
 from megatron.core.transformer.transformer_block import (  # noqa: E402
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -119,24 +120,52 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
     return TransformerConfig(**kwargs)
 
 
+LayerSpecFn = Callable[[ModelConfig, TransformerConfig], Any]
+"""``(cfg, transformer_config) -> layer spec`` (a ModuleSpec or TransformerBlockSubmodules)."""
+
+_SPEC_OVERRIDE: List[LayerSpecFn] = []
+
+
+@contextlib.contextmanager
+def use_layer_spec(spec: LayerSpecFn):
+    """Every :func:`build_gpt_model` inside ``with`` (checkpoint loads included) uses ``spec``.
+
+    Lets tests run the whole pipeline on another layer spec (e.g. the CPU stand-in of the
+    Transformer Engine spec in ``megatron_minitron.testing.te_standin``).
+    """
+    _SPEC_OVERRIDE.append(spec)
+    try:
+        yield
+    finally:
+        _SPEC_OVERRIDE.pop()
+
+
 def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
-                    use_te: bool | None = None) -> GPTModel:
-    """Builds this rank's pipeline stage of an mcore GPTModel for ``cfg``."""
+                    use_te: bool | None = None, spec: Optional[LayerSpecFn] = None) -> GPTModel:
+    """Builds this rank's pipeline stage of an mcore GPTModel for ``cfg``.
+
+    ``use_te``: Transformer Engine spec (default: when TE imports). ``spec``: builds the layer
+    spec instead, ``spec(cfg, transformer_config)`` (default: the one set by
+    :func:`use_layer_spec`, else the local or TE spec).
+    """
     cfg.check_layout(parallel_state.get_tensor_model_parallel_world_size(),
                      parallel_state.get_pipeline_model_parallel_world_size())
     use_te = te_available() if use_te is None else use_te
+    if spec is None and _SPEC_OVERRIDE:
+        spec = _SPEC_OVERRIDE[-1]
     with cuda_to_cpu():  # tied embeddings under PP call .cuda() while syncing the output layer
-        model = _gpt_model(cfg, params_dtype, use_te)
+        model = _gpt_model(cfg, params_dtype, use_te, spec)
     if not cpu_mode():
         model.cuda(torch.cuda.current_device())
     return model
 
 
-def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool) -> GPTModel:
+def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool,
+               spec: Optional[LayerSpecFn]) -> GPTModel:
     config = transformer_config(cfg, params_dtype)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg, use_te, config),
+        transformer_layer_spec=(spec or (lambda c, t: layer_spec(c, use_te, t)))(cfg, config),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -180,20 +209,125 @@ def mlp_fc2(layer) -> torch.nn.Module:
     return layer.mlp.linear_fc2
 
 
-def layer_norms(layer) -> List[torch.nn.Module]:
-    """The norms inside a layer (input and pre-MLP), whichever spec built it."""
+# ---------------------------------------------------------------- norms, whichever spec
+
+NO_NORM = "no_norm"
+"""Role of a placeholder where a norm could sit (``nn.Identity``, mcore's ``IdentityOp``)."""
+FUSED_NORM_LINEAR = "fused_norm_linear"
+"""Role of a linear that applies its input norm itself (Transformer Engine's
+``LayerNormColumnParallelLinear``: ``layer_norm_weight``, ``layer_norm_bias``,
+``normalization``, ``eps``, ``zero_centered_gamma``)."""
+
+MODULE_ROLES: Dict[type, str] = {torch.nn.Identity: NO_NORM, IdentityOp: NO_NORM}
+"""mcore module class -> what it is to us; looked up along the class's MRO."""
+
+
+def register_module_role(cls: type, role: str) -> None:
+    """Tells the package what ``cls`` is (e.g. a fused norm+linear of another spec)."""
+    MODULE_ROLES[cls] = role
+
+
+def _register_te_roles() -> None:
+    if te_available():
+        from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+
+        register_module_role(TELayerNormColumnParallelLinear, FUSED_NORM_LINEAR)
+
+
+_register_te_roles()
+
+
+def module_role(module) -> Optional[str]:
+    """The registered role of ``module``'s class (or of a base class), else None."""
+    if module is None:
+        return NO_NORM
+    for cls in type(module).__mro__:
+        if cls in MODULE_ROLES:
+            return MODULE_ROLES[cls]
+    return None
+
+
+def fused_norm_output(module, hidden: torch.Tensor) -> torch.Tensor:
+    """The norm output a fused norm+linear computes from its input ``hidden`` [s, b, h].
+
+    Normalises in fp32 with the module's own weight, bias, epsilon and zero-centred gamma, and
+    returns the input's dtype, as Transformer Engine does.
+    """
+    weight = module.layer_norm_weight.float()
+    if getattr(module, "zero_centered_gamma", False):
+        weight = weight + 1
+    shape, eps = (hidden.shape[-1],), getattr(module, "eps", 1e-5)
+    if getattr(module, "normalization", "LayerNorm") == "RMSNorm":
+        out = F.rms_norm(hidden.float(), shape, weight, eps)
+    else:
+        bias = getattr(module, "layer_norm_bias", None)
+        out = F.layer_norm(hidden.float(), shape, weight, None if bias is None else bias.float(),
+                           eps)
+    return out.to(hidden.dtype)
+
+
+@dataclasses.dataclass
+class Norm:
+    """One norm of the model: a module of its own, or fused into the linear that follows it."""
+
+    module: torch.nn.Module
+    fused: bool = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.layer_norm_weight if self.fused else self.module.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.module, "layer_norm_bias" if self.fused else "bias", None)
+
+    def register_output_hook(self, hook):
+        """Calls ``hook(module, args, norm_output)`` each time the norm runs; returns the
+        removable handle. For a fused norm the output is recomputed from the linear's input."""
+        if not self.fused:
+            return self.module.register_forward_hook(hook)
+
+        def pre_hook(module, args):
+            hook(module, args, fused_norm_output(module, args[0]))
+        return self.module.register_forward_pre_hook(pre_hook)
+
+
+_NORM_SITES = (("input_layernorm", ("self_attention", "linear_qkv")),
+               ("pre_mlp_layernorm", ("mlp", "linear_fc1")))
+"""Each norm of a layer: its own module name, and the linear it is fused into otherwise."""
+
+
+def layer_norms(layer) -> List[Norm]:
+    """The norms inside a layer (input, pre-MLP), whichever spec built it."""
     norms = []
-    for name in ("input_layernorm", "pre_mlp_layernorm"):
+    for name, (parent, child) in _NORM_SITES:
         module = getattr(layer, name, None)
-        if module is not None and not isinstance(module, torch.nn.Identity):
-            norms.append(module)
+        if module_role(module) != NO_NORM:
+            norms.append(Norm(module))
+            continue
+        linear = getattr(getattr(layer, parent), child)
+        if module_role(linear) != FUSED_NORM_LINEAR and not hasattr(linear, "layer_norm_weight"):
+            raise ValueError(f"layer {layer.layer_number}: {name} is {type(module).__name__} "
+                             f"and {parent}.{child} ({type(linear).__name__}) applies no norm; "
+                             "this layer spec is not supported")
+        norms.append(Norm(linear, fused=True))
     return norms
 
 
-def final_norm(model: GPTModel):
+def final_norm(model: GPTModel) -> Optional[Norm]:
     """The decoder's final norm on the last pipeline stage, else None."""
     norm = getattr(model.decoder, "final_layernorm", None)
-    return None if isinstance(norm, torch.nn.Identity) else norm
+    return None if module_role(norm) == NO_NORM else Norm(norm)
+
+
+NORM_PARAMETER_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight",
+                           "layer_norm_bias")
+"""A layer parameter (or checkpoint key) with one of these endings is a norm's [h] weight or
+bias, standalone (``input_layernorm.weight``) or fused (``linear_qkv.layer_norm_weight``)."""
+
+
+def is_norm_parameter(name: str) -> bool:
+    return name.endswith(NORM_PARAMETER_SUFFIXES)
 
 
 def layer_hidden_input(args, kwargs) -> torch.Tensor:
@@ -270,35 +404,46 @@ def rotary_positions(model: GPTModel, positions):
 
 # ---------------------------------------------------------------- state dict naming
 
-# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear. Our
-# checkpoints always use the local spec's names so they load with either spec.
-_TE_TO_LOCAL = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+# Checkpoints name the norms as Transformer Engine does (``...linear_qkv.layer_norm_weight``):
+# mcore's local spec maps its ``input_layernorm.``/``pre_mlp_layernorm.`` onto those names
+# (``sharded_state_dict_keys_map``), so Megatron-LM checkpoints read the same under both specs.
+# Checkpoints of ours written before used the local module names; they still load.
+_LEGACY_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
 }
 
 
-def canonical_key(key: str) -> str:
-    for te_name, local_name in _TE_TO_LOCAL.items():
-        if key.endswith(te_name):
-            return key[: -len(te_name)] + local_name
+def legacy_checkpoint_key(key: str) -> str:
+    """``key`` as checkpoints of ours named it before they followed mcore's scheme."""
+    for te_name, local_name in _LEGACY_NORM_NAMES.items():
+        at = key.rfind(te_name)
+        if at >= 0 and (at == 0 or key[at - 1] == "."):
+            return key[:at] + local_name + key[at + len(te_name):]
     return key
 
 
+def match_checkpoint_keys(sharded: Dict, checkpoint_keys: Iterable[str]) -> Dict:
+    """Renames, in place, the sharded tensors of a load request that the checkpoint holds only
+    under their former names (see :func:`legacy_checkpoint_key`); returns ``sharded``."""
+    present = set(checkpoint_keys)
+    for value in sharded.values():
+        key = getattr(value, "key", None)
+        if key is not None and key not in present:
+            legacy = legacy_checkpoint_key(key)
+            if legacy in present:
+                value.key = legacy
+    return sharded
+
+
 def sharded_state_dict(model: GPTModel) -> Dict:
-    """mcore sharded state dict with spec-independent keys (weights only, no extra state)."""
-    sharded = model.sharded_state_dict()
-    out = {}
-    for key, value in sharded.items():
-        if key.endswith("_extra_state"):
-            continue
-        key = canonical_key(key)
-        if hasattr(value, "key"):
-            value.key = canonical_key(value.key)
-        out[key] = value
-    return out
+    """mcore's sharded state dict of ``model`` (weights only, no extra state).
+
+    Keys follow mcore's scheme whichever spec built the model (Transformer Engine names for
+    the norms), so a checkpoint saved under one spec loads under the other.
+    """
+    return {key: value for key, value in model.sharded_state_dict().items()
+            if not key.endswith("_extra_state")}
 
 
 def get_tp_group():

@@ -5,6 +5,12 @@ Layout of a checkpoint directory ``CKPT``::
     CKPT/minitron_config.json   # {"format", "version", "model": ModelConfig, "meta": {...}}
     CKPT/metadata.json, *.distcp, common.pt   # megatron.core.dist_checkpointing (torch_dist)
 
+Tensors are named by mcore's scheme whichever layer spec built the model: a layer's norms under
+Transformer Engine's names (``decoder.layers.self_attention.linear_qkv.layer_norm_weight``,
+``decoder.layers.mlp.linear_fc1.layer_norm_weight``), as Megatron-LM checkpoints name them
+(version 2). Version 1 checkpoints named them ``input_layernorm.weight`` and
+``pre_mlp_layernorm.weight``; they load all the same (:func:`adapter.match_checkpoint_keys`).
+
 A save writes into ``CKPT.tmp`` and renames it into place only when every rank has finished, so a
 crash mid-save never leaves a directory that loads as complete. A directory is "ours" when it
 holds ``minitron_config.json``; nothing else is ever overwritten.
@@ -15,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -27,7 +33,8 @@ from megatron_minitron.files import write_json_atomic
 CONFIG_FILE = "minitron_config.json"
 TOKENIZER_DIR = "tokenizer"
 FORMAT = "megatron_minitron.checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: norms under mcore's (Transformer Engine) key names; 1: under the local spec's."""
 
 
 class CheckpointError(UsageError):
@@ -184,24 +191,21 @@ def save_checkpoint(model, cfg: ModelConfig, path: str,
     parallel.barrier()
 
 
+def checkpoint_keys(path: str) -> List[str]:
+    """Keys of the tensors stored in checkpoint ``path`` (read from its metadata only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return list(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
 def load_weights(model, path: str) -> None:
     """Loads the checkpoint's weights into ``model`` (built at the current layout)."""
     from megatron.core import dist_checkpointing
 
-    sharded = model.sharded_state_dict()
-    canonical_to_module = {}
-    request = {}
-    for key, value in sharded.items():
-        if key.endswith("_extra_state"):
-            continue
-        canon = adapter.canonical_key(key)
-        canonical_to_module[canon] = key
-        if hasattr(value, "key"):
-            value.key = adapter.canonical_key(value.key)
-        request[canon] = value
+    request = adapter.match_checkpoint_keys(adapter.sharded_state_dict(model),
+                                            checkpoint_keys(path))
     loaded = dist_checkpointing.load(request, path)
-    state = {canonical_to_module[k]: v for k, v in loaded.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, "
@@ -213,7 +217,8 @@ def load_sharded(path: str, sharded: Dict[str, Any]) -> Dict[str, Any]:
     ``path``; collective. Returns the same keys holding the loaded tensors."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(sharded, path)
+    return dist_checkpointing.load(adapter.match_checkpoint_keys(sharded, checkpoint_keys(path)),
+                                   path)
 
 
 def load_checkpoint(path: str, params_dtype: torch.dtype = torch.float32):

@@ -150,12 +150,12 @@ class ScoreCollector:
                 add(adapter.mlp_fc2(layer).register_forward_pre_hook(self._fc2_input_hook(index)))
             else:
                 add(adapter.mlp_fc1(layer).register_forward_hook(self._fc1_output_hook(index)))
-            for norm in adapter.layer_norms(layer):
-                add(norm.register_forward_hook(self._norm_hook(index)))
+            for norm in adapter.layer_norms(layer):  # standalone or fused into the next linear
+                add(norm.register_output_hook(self._norm_hook(index)))
             add(layer.register_forward_hook(self._layer_hook(index), with_kwargs=True))
         final = adapter.final_norm(self.model)
         if final is not None:
-            self._handles.append(final.register_forward_hook(self._norm_hook(self.cfg.num_layers)))
+            self._handles.append(final.register_output_hook(self._norm_hook(self.cfg.num_layers)))
         return self
 
     def __exit__(self, *exc):
