@@ -81,8 +81,13 @@ def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
 
 
 def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
-                       **overrides) -> TransformerConfig:
-    """Maps our ModelConfig onto mcore's TransformerConfig at the current parallel layout."""
+                       init_weights: bool = True, **overrides) -> TransformerConfig:
+    """Maps our ModelConfig onto mcore's TransformerConfig at the current parallel layout.
+
+    Weights are created on the GPU where there is one (on the host only on CPU machines), and
+    randomly initialised only when ``init_weights`` (False when a checkpoint is loaded next).
+    ``overrides``: further TransformerConfig fields, e.g. :func:`gpu_features`' first dict.
+    """
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -109,30 +114,91 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         sequence_parallel=False,
-        use_cpu_initialization=True,
+        use_cpu_initialization=cpu_mode(),
+        perform_initialization=init_weights,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
+RECOMPUTE_CHOICES = ("selective", "full")
+"""``--recompute-activations``: selective (attention core, mcore's default module) or full
+(every layer, uniform method, one layer per recomputed unit)."""
+
+
+def gpu_features(cfg: ModelConfig, *, gpu: bool, te: bool, apex: bool, flash_attn: bool,
+                 params_dtype: torch.dtype, training: bool, sequence_parallel: bool = False,
+                 recompute: str | None = None, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False, distributed_optimizer: bool = False):
+    """``(TransformerConfig fields, DistributedDataParallelConfig fields)`` of a run's GPU
+    features; a pure function of its arguments, so it is tested without CUDA.
+
+    Each flag maps onto mcore's own field. mcore's fusions are switched on where their kernels
+    exist (a GPU with Transformer Engine or NVIDIA apex): bias-dropout, masked softmax,
+    bias-activation (SwiGLU, or GeLU with biases: the activations mcore fuses), RoPE (TE),
+    persistent LayerNorm (apex) and, for training, gradient accumulation into the fp32 main
+    grads. Under TE in bf16/fp16, attention runs on the flash-attention backend when
+    ``flash_attn`` imports (TE chooses among its own otherwise). Whether a flag may be used at
+    all is checked with the run's arguments (``TrainConfig.check_gpu_features``).
+    """
+    from megatron.core.transformer.enums import AttnBackend
+
+    model: Dict = {}
+    if gpu and (te or apex):
+        model.update(
+            bias_dropout_fusion=True,
+            masked_softmax_fusion=True,
+            bias_activation_fusion=cfg.activation == "swiglu" or (
+                cfg.activation == "gelu" and cfg.add_bias_linear),
+            apply_rope_fusion=te,
+            persist_layer_norm=apex,
+            gradient_accumulation_fusion=training,
+        )
+    if gpu and te and flash_attn and params_dtype in (torch.bfloat16, torch.float16):
+        model["attention_backend"] = AttnBackend.flash
+    if sequence_parallel:
+        model["sequence_parallel"] = True
+    if recompute == "selective":
+        model["recompute_granularity"] = "selective"
+    elif recompute == "full":
+        model.update(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1)
+    elif recompute is not None:
+        raise ValueError(f"recompute={recompute!r}; use one of {RECOMPUTE_CHOICES}")
+    ddp = dict(overlap_grad_reduce=overlap_grad_reduce,
+               overlap_param_gather=overlap_param_gather and distributed_optimizer,
+               use_distributed_optimizer=distributed_optimizer)
+    return model, ddp
+
+
 def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
-                    use_te: bool | None = None) -> GPTModel:
-    """Builds this rank's pipeline stage of an mcore GPTModel for ``cfg``."""
+                    use_te: bool | None = None, init_weights: bool = True,
+                    **config_overrides) -> GPTModel:
+    """Builds this rank's pipeline stage of an mcore GPTModel for ``cfg``.
+
+    ``init_weights=False`` skips the random initialisation (the weights hold whatever memory
+    held): for models a checkpoint is loaded into. ``config_overrides``: TransformerConfig
+    fields passed on to :func:`transformer_config`.
+    """
     cfg.check_layout(parallel_state.get_tensor_model_parallel_world_size(),
                      parallel_state.get_pipeline_model_parallel_world_size())
     use_te = te_available() if use_te is None else use_te
     with cuda_to_cpu():  # tied embeddings under PP call .cuda() while syncing the output layer
-        model = _gpt_model(cfg, params_dtype, use_te)
+        model = _gpt_model(cfg, params_dtype, use_te, init_weights, config_overrides)
+    if params_dtype != torch.float32:  # the local spec's torch norms are built in fp32; every
+        model.to(dtype=params_dtype)  # weight in one dtype, as Megatron's Float16Module does
     if not cpu_mode():
         model.cuda(torch.cuda.current_device())
     return model
 
 
-def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool) -> GPTModel:
-    config = transformer_config(cfg, params_dtype)
+def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool, init_weights: bool,
+               config_overrides: Dict) -> GPTModel:
+    config = transformer_config(cfg, params_dtype, init_weights, **config_overrides)
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(cfg, use_te, config),

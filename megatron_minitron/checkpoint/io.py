@@ -184,12 +184,13 @@ def load_sharded(path: str, sharded: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def load_checkpoint(path: str, params_dtype: torch.dtype = torch.float32):
-    """Builds the model described by ``path``'s config at the current layout and loads it.
+    """Builds the model described by ``path``'s config at the current layout and loads it
+    (weights cast to ``params_dtype``; built without random initialisation).
 
     Returns ``(model, cfg)``.
     """
     cfg = load_config(path)
-    model = adapter.build_gpt_model(cfg, params_dtype=params_dtype)
+    model = adapter.build_gpt_model(cfg, params_dtype=params_dtype, init_weights=False)
     load_weights(model, path)
     return model, cfg
 
