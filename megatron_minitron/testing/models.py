@@ -29,7 +29,8 @@ def spread_weights(model, cfg: ModelConfig, seed: int = 0, sigma: float = 0.5) -
     importance scores differ by little more than noise. Trained models are uneven; this draws
     log-normal gains (``exp(sigma * N(0, 1))``) for every norm channel, every query group's
     value rows, every query head (4× larger queries: attention as peaked as a trained model's),
-    every MLP neuron (its fc1 rows) and every layer's two output projections.
+    every MLP neuron (its fc1 rows) and every layer's two output projections, and a final norm
+    about 6× larger (logits spread as a trained model's).
     """
     import torch
 
@@ -57,6 +58,9 @@ def spread_weights(model, cfg: ModelConfig, seed: int = 0, sigma: float = 0.5) -
             layer_gain = float(gains(1))
             adapter.attention_output_projection(layer).weight.mul_(layer_gain)
             adapter.mlp_fc2(layer).weight.mul_(layer_gain)
+        norm = adapter.final_norm(model)
+        if norm is not None:  # logits of a trained model's spread (std ~1, not ~0.15)
+            norm.weight.mul_((6 * gains(norm.weight.shape[0])).to(norm.weight.dtype))
 
 
 def save_realistic_checkpoint(path: str, tokenizer_dir=None, seed: int = 1234,
