@@ -322,6 +322,7 @@ def _corpus_from_linux_doc(path: str, size: int = 2 * 2 ** 20) -> str:
 def build_pack(pack: str) -> None:
     """Writes the pack (see the module docstring); runs on a CPU machine with the assets."""
     import importlib.metadata
+    import subprocess
 
     from megatron_minitron import assets
     from megatron_minitron.hf.convert import import_hf
@@ -333,11 +334,9 @@ def build_pack(pack: str) -> None:
     versions = {name: importlib.metadata.version(name) for name in ("gguf", "psutil")}
     for requirement in WHEELS:
         requirement = requirement.format(**versions)
-        extra = []
+        extra = ["--only-binary=:all:", "--python-version", GPU_PYTHON]  # the GPU's Python
         if requirement.startswith("psutil"):
-            extra = ["--only-binary=:all:", "--platform", "manylinux2014_x86_64",
-                     "--python-version", GPU_PYTHON]
-        import subprocess
+            extra += ["--platform", "manylinux2014_x86_64"]
 
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                                "-d", os.path.join(common, "wheels"), *extra, requirement],
