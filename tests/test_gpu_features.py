@@ -146,6 +146,21 @@ def test_fp32_checkpoint_loads_into_a_half_precision_model(checkpoint, dtype):
                 assert torch.equal(value, expected[key].to(dtype)), key
 
 
+def test_bf16_checkpoint_loads_into_fp32_and_bf16(checkpoint, tmp_path):
+    from megatron_minitron.checkpoint.io import save_checkpoint
+
+    with parallel.parallel_context(1, 1):
+        half, cfg = load_checkpoint(checkpoint, torch.bfloat16)
+        save_checkpoint(half, cfg, str(tmp_path / "bf16"))  # what a bf16 training run saves
+        full, _ = load_checkpoint(str(tmp_path / "bf16"))
+        again, _ = load_checkpoint(str(tmp_path / "bf16"), torch.bfloat16)
+        expected = half.state_dict()
+        for (key, value), same in zip(full.state_dict().items(), again.state_dict().values()):
+            if torch.is_tensor(value) and value.is_floating_point():
+                assert value.dtype == torch.float32 and torch.equal(value, expected[key].float())
+                assert torch.equal(same, expected[key]), key
+
+
 def test_load_paths_build_without_random_initialisation(checkpoint, monkeypatch):
     calls = []
     normal = torch.nn.init.normal_
