@@ -8,8 +8,9 @@ distillation in bf16 on a tiny model and on SmolLM2-135M, compared with CPU fp32
 The GPU machine has no network and receives at most 64 MiB of files per command, so ``--pack``
 writes what it needs into DIR: ``common/`` (the megatron-core, gguf and psutil wheels, a text
 corpus, a tiny checkpoint with its tokenizer, and ``reference.pt``: the CPU fp32 importance
-scores, eval loss and first distillation-step loss of both models) and SmolLM2's GGUF file cut
-into ``part0.bin`` and ``part1.bin`` (under 60 MiB each), to be sent with separate commands.
+scores, eval loss and first distillation-step loss of both models, about 6 MiB) and SmolLM2's
+GGUF file cut into ``part0.bin`` and ``part1.bin`` (47 MiB each): send ``part0.bin`` with one
+command and ``part1.bin`` with ``common/`` in the next.
 ``--pack-dir DIR`` (what the shell script runs) joins the parts, imports SmolLM2 and checks both
 models; it writes ``bench/results/gpu_check.json`` with the device name. Per model it reports the
 Spearman rank correlation of every importance score kind with the CPU fp32 scores, the eval loss
@@ -33,7 +34,7 @@ from typing import Any, Dict, List, Optional
 
 from megatron_minitron.errors import UsageError
 
-PART_BYTES = 60 * 2 ** 20
+PART_BYTES = 50 * 2 ** 20  # a part plus common/ and the repository stay under 64 MiB
 WHEELS = ("megatron-core==0.19.2", "gguf=={gguf}", "psutil=={psutil}")
 GPU_PYTHON = "3.12"  # the NGC image's; psutil is the one wheel with compiled code
 TOLERANCES = {"spearman": 0.99, "eval_loss": 0.02, "step_loss_rel": 0.02}
@@ -319,6 +320,23 @@ def _corpus_from_linux_doc(path: str, size: int = 2 * 2 ** 20) -> str:
     return path
 
 
+def split_file(source: str, pack: str) -> List[Dict[str, Any]]:
+    """Cuts ``source`` into ``pack/part0.bin`` and ``pack/part1.bin`` of equal size (each with
+    ``common/`` must stay under the 64 MiB a command receives); returns their manifest rows."""
+    half = -(-os.path.getsize(source) // 2)
+    if half > PART_BYTES:
+        raise RuntimeError(f"{source} does not fit two parts of {PART_BYTES} bytes")
+    parts = []
+    with open(source, "rb") as handle:
+        for index in range(2):
+            part = os.path.join(pack, f"part{index}.bin")
+            with open(part, "wb") as out:
+                out.write(handle.read(half))
+            parts.append({"file": os.path.basename(part), "bytes": os.path.getsize(part),
+                          "sha256": _sha256(part)})
+    return parts
+
+
 def build_pack(pack: str) -> None:
     """Writes the pack (see the module docstring); runs on a CPU machine with the assets."""
     import importlib.metadata
@@ -348,17 +366,7 @@ def build_pack(pack: str) -> None:
     tiny = make_tiny(common, text)
 
     directory, gguf = assets.smollm2()
-    source = os.path.join(directory, gguf)
-    parts = []
-    with open(source, "rb") as handle:
-        for index in range(2):
-            part = os.path.join(pack, f"part{index}.bin")
-            with open(part, "wb") as out:
-                out.write(handle.read(PART_BYTES if index == 0 else -1))
-            parts.append({"file": os.path.basename(part), "bytes": os.path.getsize(part),
-                          "sha256": _sha256(part)})
-    if parts[1]["bytes"] > PART_BYTES:
-        raise RuntimeError(f"{gguf} does not fit two parts of {PART_BYTES} bytes")
+    parts = split_file(os.path.join(directory, gguf), pack)
 
     with tempfile.TemporaryDirectory() as work:
         smollm2 = os.path.join(work, "smollm2")
