@@ -49,6 +49,18 @@ def add_precision_argument(parser: argparse.ArgumentParser) -> None:
                              "either way (default auto)")
 
 
+def gpu_fields(cfg, params_dtype: torch.dtype, training: bool = False, dp: int = 1, **flags):
+    """``(TransformerConfig fields, DDP config fields)`` for a model of architecture ``cfg`` on
+    this machine: :func:`megatron_minitron.adapter.gpu_features` with the kernels that import
+    here and the run's ``flags`` (sequence_parallel, recompute, overlap_*). Empty on CPU."""
+    from megatron_minitron import adapter
+
+    return adapter.gpu_features(
+        cfg, gpu=not cpu_mode(), te=adapter.te_available(), apex=apex_importable(),
+        flash_attn=flash_attn_importable(), params_dtype=params_dtype, training=training,
+        distributed_optimizer=dp > 1, **flags)
+
+
 def apex_importable() -> bool:
     """True when NVIDIA apex's CUDA extensions import (the fused weight-gradient GEMM and the
     persistent LayerNorm kernels). The unrelated ``apex`` package of the Python package index

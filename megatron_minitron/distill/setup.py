@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_minitron import parallel
-from megatron_minitron.compat.cpu import cpu_mode, cuda_to_cpu
+from megatron_minitron.compat.cpu import cuda_to_cpu
 from megatron_minitron.distill import state
 from megatron_minitron.errors import UsageError
 
@@ -47,16 +47,13 @@ def gpu_features(config, cfg, params_dtype, training: bool, dp: int):
     """(TransformerConfig overrides, DDP config overrides) of ``config``'s GPU features for a
     model of architecture ``cfg``; the teacher (``training=False``) shares the sequence
     parallelism (its hidden states travel beside the student's) but recomputes nothing."""
-    from megatron_minitron import adapter
-    from megatron_minitron.precision import apex_importable, flash_attn_importable
+    from megatron_minitron.precision import gpu_fields
 
-    return adapter.gpu_features(
-        cfg, gpu=not cpu_mode(), te=adapter.te_available(), apex=apex_importable(),
-        flash_attn=flash_attn_importable(), params_dtype=params_dtype, training=training,
-        sequence_parallel=config.sequence_parallel,
-        recompute=config.recompute_activations if training else None,
-        overlap_grad_reduce=config.overlap_grad_reduce,
-        overlap_param_gather=config.overlap_param_gather, distributed_optimizer=dp > 1)
+    return gpu_fields(cfg, params_dtype, training, dp,
+                      sequence_parallel=config.sequence_parallel,
+                      recompute=config.recompute_activations if training else None,
+                      overlap_grad_reduce=config.overlap_grad_reduce,
+                      overlap_param_gather=config.overlap_param_gather)
 
 
 def _load_tokenizer(trainer):
