@@ -125,11 +125,6 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
     return TransformerConfig(**kwargs)
 
 
-RECOMPUTE_CHOICES = ("selective", "full")
-"""``--recompute-activations``: selective (attention core, mcore's default module) or full
-(every layer, uniform method, one layer per recomputed unit)."""
-
-
 def gpu_features(cfg: ModelConfig, *, gpu: bool, te: bool, apex: bool, flash_attn: bool,
                  params_dtype: torch.dtype, training: bool, sequence_parallel: bool = False,
                  recompute: str | None = None, overlap_grad_reduce: bool = False,
@@ -162,13 +157,13 @@ def gpu_features(cfg: ModelConfig, *, gpu: bool, te: bool, apex: bool, flash_att
         model["attention_backend"] = AttnBackend.flash
     if sequence_parallel:
         model["sequence_parallel"] = True
-    if recompute == "selective":
+    if recompute == "selective":  # mcore's default module: the attention core
         model["recompute_granularity"] = "selective"
     elif recompute == "full":
         model.update(recompute_granularity="full", recompute_method="uniform",
                      recompute_num_layers=1)
     elif recompute is not None:
-        raise ValueError(f"recompute={recompute!r}; use one of {RECOMPUTE_CHOICES}")
+        raise ValueError(f"recompute={recompute!r}; use selective or full")
     ddp = dict(overlap_grad_reduce=overlap_grad_reduce,
                overlap_param_gather=overlap_param_gather and distributed_optimizer,
                use_distributed_optimizer=distributed_optimizer)
