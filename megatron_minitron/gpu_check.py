@@ -423,9 +423,9 @@ def _device() -> Dict[str, Any]:
 
     if torch.cuda.is_available():
         return {"device": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
-                "torch": torch.__version__}
+                "torch": torch.__version__, "backend": "nccl", "world_size": 1}
     return {"device": f"cpu ({platform.processor() or platform.machine()})",
-            "torch": torch.__version__}
+            "torch": torch.__version__, "backend": "gloo", "world_size": 1}
 
 
 def _write(results: Dict[str, Any], output: Optional[str]) -> None:
