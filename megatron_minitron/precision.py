@@ -23,8 +23,6 @@ TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 """Names accepted for training (fp16 would need loss scaling, which the trainer does not do)."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-NO_CUDA = "a CUDA machine with the NGC image; this machine has no CUDA"
-
 
 def resolve(precision: str) -> str:
     """``auto`` → ``bf16`` on a CUDA machine, ``fp32`` on CPU; other names unchanged."""

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional
 
 from megatron_minitron.distill.losses import INTERMEDIATE_LOSSES, LOGIT_LOSSES
 from megatron_minitron.errors import UsageError
-from megatron_minitron.precision import NO_CUDA, TRAIN_PRECISIONS
+from megatron_minitron.precision import TRAIN_PRECISIONS
 
 PRECISIONS = TRAIN_PRECISIONS
 RECOMPUTE = ("selective", "full")
@@ -158,17 +158,18 @@ class TrainConfig:
         from megatron_minitron.compat.cpu import cpu_mode
 
         needs = {
-            "sequence_parallel": "Transformer Engine",
-            "recompute_activations": "CUDA (it trades GPU compute for GPU memory)",
-            "overlap_grad_reduce": "CUDA streams and NCCL",
-            "overlap_param_gather": "CUDA streams, NCCL and the distributed optimizer",
+            "sequence_parallel": "Transformer Engine (a CUDA machine with the NGC image)",
+            "recompute_activations": "a CUDA machine (it trades GPU compute for GPU memory)",
+            "overlap_grad_reduce": "CUDA streams and NCCL (a CUDA machine)",
+            "overlap_param_gather": "CUDA streams, NCCL and the distributed optimizer (a CUDA "
+                                    "machine, data parallel size > 1)",
         }
         asked = [name for name in needs if getattr(self, name)]
         if asked and cpu_mode():
             name = asked[0]
             value = getattr(self, name)
             shown = f"--{_flag(name)}" + ("" if value is True else f" {value}")
-            raise UsageError(f"{shown} needs {needs[name]} ({NO_CUDA})")
+            raise UsageError(f"{shown} needs {needs[name]}; this machine has no CUDA")
         if self.sequence_parallel:
             if self.tp < 2:
                 raise UsageError(f"--sequence-parallel splits the sequence over tensor parallel "
