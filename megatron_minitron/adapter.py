@@ -184,11 +184,40 @@ def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
     use_te = te_available() if use_te is None else use_te
     with cuda_to_cpu():  # tied embeddings under PP call .cuda() while syncing the output layer
         model = _gpt_model(cfg, params_dtype, use_te, init_weights, config_overrides)
+    if not init_weights:
+        _mark_tensor_parallel_weights(model)
     if params_dtype != torch.float32:  # the local spec's torch norms are built in fp32; every
         model.to(dtype=params_dtype)  # weight in one dtype, as Megatron's Float16Module does
     if not cpu_mode():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _mark_tensor_parallel_weights(model: GPTModel) -> None:
+    """Tags each tensor-parallel weight with its partition (``tensor_model_parallel``,
+    ``partition_dim``, ``partition_stride``), as mcore's weight initialisation does and its
+    ``perform_initialization=False`` path does not; gradient clipping and the optimizers read
+    the tags (without them a TP-split weight counts on TP rank 0 only)."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    partition_dims = ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0),
+                      (RowParallelLinear, 1))
+    # a gated fc1 holds [gate, up] interleaved per TP rank: mcore gives it stride 2
+    gated_fc1 = ({id(mlp_fc1(layer)) for layer in decoder_layers(model)}
+                 if model.config.gated_linear_unit else set())
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
+            continue
+        for kind, dim in partition_dims:
+            if isinstance(module, kind):
+                stride = 2 if id(module) in gated_fc1 else 1
+                set_tensor_model_parallel_attributes(weight, True, dim, stride)
 
 
 def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool, init_weights: bool,

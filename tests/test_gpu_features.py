@@ -182,6 +182,13 @@ def test_load_paths_build_without_random_initialisation(checkpoint, monkeypatch)
         for (key, a), b in zip(initialised.state_dict().items(), loaded.state_dict().values()):
             if torch.is_tensor(a):
                 assert torch.equal(a, b), key
+        half, _ = load_checkpoint(checkpoint, torch.bfloat16)
+        tags = ("tensor_model_parallel", "partition_dim", "partition_stride")
+        for model in (loaded, half):  # the partition tags mcore's initialisation would set
+            for (name, a), b in zip(initialised.named_parameters(), model.parameters()):
+                assert [getattr(a, t, None) for t in tags] == [getattr(b, t, None)
+                                                               for t in tags], name
+        assert any(getattr(p, "tensor_model_parallel", False) for p in loaded.parameters())
 
 
 def test_gpu_check_script_refuses_without_cuda(capsys):
