@@ -104,6 +104,8 @@ def distill(teacher: str, student: str, text: str, settings: Dict, precision: st
         log_interval=max(1, steps // 10))
     trainer = Trainer(config)
     losses, started = [], None
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     try:
         trainer.setup()
         for step in range(steps):
