@@ -83,8 +83,13 @@ def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
 
 
 def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
-                       **overrides) -> TransformerConfig:
-    """Maps our ModelConfig onto mcore's TransformerConfig at the current parallel layout."""
+                       init_weights: bool = True, **overrides) -> TransformerConfig:
+    """Maps our ModelConfig onto mcore's TransformerConfig at the current parallel layout.
+
+    Weights are created on the GPU where there is one (on the host only on CPU machines), and
+    randomly initialised only when ``init_weights`` (False when a checkpoint is loaded next).
+    ``overrides``: further TransformerConfig fields, e.g. :func:`gpu_features`' first dict.
+    """
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -111,9 +116,11 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         sequence_parallel=False,
-        use_cpu_initialization=True,
+        use_cpu_initialization=cpu_mode(),
+        perform_initialization=init_weights,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
     )
     kwargs.update(overrides)
@@ -140,13 +147,62 @@ def use_layer_spec(spec: LayerSpecFn):
         _SPEC_OVERRIDE.pop()
 
 
+def gpu_features(cfg: ModelConfig, *, gpu: bool, te: bool, apex: bool, flash_attn: bool,
+                 params_dtype: torch.dtype, training: bool, sequence_parallel: bool = False,
+                 recompute: str | None = None, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False, distributed_optimizer: bool = False):
+    """``(TransformerConfig fields, DistributedDataParallelConfig fields)`` of a run's GPU
+    features; a pure function of its arguments, so it is tested without CUDA.
+
+    Each flag maps onto mcore's own field. mcore's fusions are switched on where their kernels
+    exist (a GPU with Transformer Engine or NVIDIA apex): bias-dropout, masked softmax,
+    bias-activation (SwiGLU, or GeLU with biases: the activations mcore fuses), RoPE (TE),
+    persistent LayerNorm (apex) and, for training, gradient accumulation into the fp32 main
+    grads. Under TE in bf16/fp16, attention runs on the flash-attention backend when
+    ``flash_attn`` imports (TE chooses among its own otherwise). Whether a flag may be used at
+    all is checked with the run's arguments (``TrainConfig.check_gpu_features``).
+    """
+    from megatron.core.transformer.enums import AttnBackend
+
+    model: Dict = {}
+    if gpu and (te or apex):
+        model.update(
+            bias_dropout_fusion=True,
+            masked_softmax_fusion=True,
+            bias_activation_fusion=cfg.activation == "swiglu" or (
+                cfg.activation == "gelu" and cfg.add_bias_linear),
+            apply_rope_fusion=te,
+            persist_layer_norm=apex,
+            gradient_accumulation_fusion=training,
+        )
+    if gpu and te and flash_attn and params_dtype in (torch.bfloat16, torch.float16):
+        model["attention_backend"] = AttnBackend.flash
+    if sequence_parallel:
+        model["sequence_parallel"] = True
+    if recompute == "selective":  # mcore's default module: the attention core
+        model["recompute_granularity"] = "selective"
+    elif recompute == "full":
+        model.update(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1)
+    elif recompute is not None:
+        raise ValueError(f"recompute={recompute!r}; use selective or full")
+    ddp = dict(overlap_grad_reduce=overlap_grad_reduce,
+               overlap_param_gather=overlap_param_gather and distributed_optimizer,
+               use_distributed_optimizer=distributed_optimizer)
+    return model, ddp
+
+
 def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
-                    use_te: bool | None = None, spec: Optional[LayerSpecFn] = None) -> GPTModel:
+                    use_te: bool | None = None, spec: Optional[LayerSpecFn] = None,
+                    init_weights: bool = True, **config_overrides) -> GPTModel:
     """Builds this rank's pipeline stage of an mcore GPTModel for ``cfg``.
 
     ``use_te``: Transformer Engine spec (default: when TE imports). ``spec``: builds the layer
     spec instead, ``spec(cfg, transformer_config)`` (default: the one set by
-    :func:`use_layer_spec`, else the local or TE spec).
+    :func:`use_layer_spec`, else the local or TE spec). ``init_weights=False`` skips the random
+    initialisation (the weights hold whatever memory held): for models a checkpoint is loaded
+    into. ``config_overrides``: TransformerConfig fields passed on to
+    :func:`transformer_config`.
     """
     cfg.check_layout(parallel_state.get_tensor_model_parallel_world_size(),
                      parallel_state.get_pipeline_model_parallel_world_size())
@@ -154,15 +210,47 @@ def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
     if spec is None and _SPEC_OVERRIDE:
         spec = _SPEC_OVERRIDE[-1]
     with cuda_to_cpu():  # tied embeddings under PP call .cuda() while syncing the output layer
-        model = _gpt_model(cfg, params_dtype, use_te, spec)
+        model = _gpt_model(cfg, params_dtype, use_te, spec, init_weights, config_overrides)
+    if not init_weights:
+        _mark_tensor_parallel_weights(model)
+    if params_dtype != torch.float32:  # the local spec's torch norms are built in fp32; every
+        model.to(dtype=params_dtype)  # weight in one dtype, as Megatron's Float16Module does
     if not cpu_mode():
         model.cuda(torch.cuda.current_device())
     return model
 
 
+def _mark_tensor_parallel_weights(model: GPTModel) -> None:
+    """Tags each tensor-parallel weight with its partition (``tensor_model_parallel``,
+    ``partition_dim``, ``partition_stride``), as mcore's weight initialisation does and its
+    ``perform_initialization=False`` path does not; gradient clipping and the optimizers read
+    the tags (without them a TP-split weight counts on TP rank 0 only)."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    partition_dims = ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0),
+                      (RowParallelLinear, 1))
+    # a gated fc1 holds [gate, up] interleaved per TP rank: mcore gives it stride 2
+    gated_fc1 = ({id(mlp_fc1(layer)) for layer in decoder_layers(model)}
+                 if model.config.gated_linear_unit else set())
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
+            continue
+        for kind, dim in partition_dims:
+            if isinstance(module, kind):
+                stride = 2 if id(module) in gated_fc1 else 1
+                set_tensor_model_parallel_attributes(weight, True, dim, stride)
+
+
 def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool,
-               spec: Optional[LayerSpecFn]) -> GPTModel:
-    config = transformer_config(cfg, params_dtype)
+               spec: Optional[LayerSpecFn], init_weights: bool,
+               config_overrides: Dict) -> GPTModel:
+    config = transformer_config(cfg, params_dtype, init_weights, **config_overrides)
     return GPTModel(
         config=config,
         transformer_layer_spec=(spec or (lambda c, t: layer_spec(c, use_te, t)))(cfg, config),

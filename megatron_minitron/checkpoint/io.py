@@ -222,12 +222,17 @@ def load_sharded(path: str, sharded: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def load_checkpoint(path: str, params_dtype: torch.dtype = torch.float32):
-    """Builds the model described by ``path``'s config at the current layout and loads it.
+    """Builds the model described by ``path``'s config at the current layout and loads it
+    (weights cast to ``params_dtype``; built without random initialisation, with the fused
+    kernels this machine has).
 
     Returns ``(model, cfg)``.
     """
+    from megatron_minitron.precision import gpu_fields
+
     cfg = load_config(path)
-    model = adapter.build_gpt_model(cfg, params_dtype=params_dtype)
+    fields, _ = gpu_fields(cfg, params_dtype)
+    model = adapter.build_gpt_model(cfg, params_dtype=params_dtype, init_weights=False, **fields)
     load_weights(model, path)
     return model, cfg
 

@@ -19,19 +19,20 @@ from megatron_minitron.cli import add_layout_arguments
 from megatron_minitron.distill.config import TrainConfig, add_config_arguments, check_run
 from megatron_minitron.errors import UsageError
 
+ALIASES = {"student": ("--load",), "precision": ("--dtype",)}
 _DISTILL_ONLY = ("loss", "temperature", "kd_weight", "topk", "intermediate", "intermediate_loss")
 
 
 def add_arguments(parser, name):
     if name == "distill":
         add_config_arguments(parser, skip=("tp", "pp", "seed"),
-                             aliases={"student": ("--load",)})
+                             aliases=ALIASES)
     elif name == "correct-teacher":
         add_config_arguments(parser, skip=("tp", "pp", "seed", "teacher", "ce_weight")
-                             + _DISTILL_ONLY, aliases={"student": ("--load",)})
+                             + _DISTILL_ONLY, aliases=ALIASES)
     else:
         add_config_arguments(parser, skip=("tp", "pp", "seed"),
-                             aliases={"student": ("--load",)})
+                             aliases=ALIASES)
         parser.add_argument("--ce-only", action="store_true",
                             help="plain cross-entropy retraining (no teacher)")
     add_layout_arguments(parser)

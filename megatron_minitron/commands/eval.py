@@ -29,6 +29,7 @@ from megatron_minitron.commands.common import (
     load_samples,
 )
 from megatron_minitron.errors import UsageError
+from megatron_minitron.precision import add_precision_argument, params_dtype
 
 TEXT_MICRO_BATCH = 1
 TASK_MICRO_BATCH = 8
@@ -46,6 +47,7 @@ def add_arguments(parser, name):
                        "`python -m megatron_minitron.assets eval_sets` prepares)")
     add_data_arguments(parser, num_samples=None, required=False)
     parser.set_defaults(micro_batch_size=None)
+    add_precision_argument(parser)
     add_layout_arguments(parser)
 
 
@@ -125,8 +127,10 @@ def evaluate_checkpoint(args, names=()) -> dict:
     layout = parallel.initialize(args.tp, args.pp, args.seed)
     cfg.check_layout(layout.tp, layout.pp)
     prepared = _prepared_tasks(args, names, cfg) if names else None
-    model, _ = load_checkpoint(args.load)
-    result = {"checkpoint": os.path.abspath(args.load), "layout": str(layout)}
+    dtype = params_dtype(getattr(args, "precision", "auto"))
+    model, _ = load_checkpoint(args.load, dtype)
+    result = {"checkpoint": os.path.abspath(args.load), "layout": str(layout),
+              "dtype": str(dtype).replace("torch.", "")}
     if args.text_file or args.data_prefix:
         result.update(_text_loss(args, model, cfg, layout))
     if prepared is not None:

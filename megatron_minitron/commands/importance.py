@@ -21,6 +21,7 @@ from megatron_minitron.commands.common import (
     load_samples,
 )
 from megatron_minitron.errors import UsageError
+from megatron_minitron.precision import add_precision_argument, params_dtype
 
 
 def add_arguments(parser, name):
@@ -38,6 +39,7 @@ def add_arguments(parser, name):
     parser.add_argument("--no-plot", dest="plot", action="store_false",
                         help="do not write the PNG summary next to SCORES")
     add_data_arguments(parser, num_samples=1024)
+    add_precision_argument(parser)
     add_layout_arguments(parser)
 
 
@@ -90,9 +92,10 @@ def compute_scores(load, samples, args, icfg, layout):
 
     batches = micro_batches(samples, args.micro_batch_size,
                             parallel_state.get_data_parallel_rank(), layout.dp)
-    model, cfg = load_checkpoint(load)
+    model, cfg = load_checkpoint(load, params_dtype(getattr(args, "precision", "auto")))
     source = args.data_prefix or ",".join(args.text_file)
     return estimate_importance(model, cfg, batches, icfg, meta={
         "checkpoint": os.path.abspath(load), "data_source": source,
         "data_fingerprint": fingerprint(samples), "seq_length": args.seq_length,
-        "seed": args.seed, "layout": str(layout)})
+        "seed": args.seed, "layout": str(layout),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", "")})

@@ -26,6 +26,7 @@ from megatron_minitron.commands.common import (
     load_samples,
 )
 from megatron_minitron.errors import UsageError
+from megatron_minitron.precision import add_precision_argument
 
 logger = logging.getLogger("megatron_minitron")
 
@@ -59,6 +60,7 @@ def add_arguments(parser, name):
     iterative.add_argument("--iterations", type=int, default=1, help="pruning rounds (default 1)")
     iterative.add_argument("--aggregation", default="l2,mean", help="as in `minitron importance`")
     add_data_arguments(parser, num_samples=1024, required=False)
+    add_precision_argument(iterative)
     add_layout_arguments(parser)
 
 

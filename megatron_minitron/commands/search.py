@@ -45,7 +45,8 @@ def add_arguments(parser, name):
                        help="refuse spaces with more candidates than this (default 16)")
     group.add_argument("--output", required=True, help="search directory (re-runs resume)")
     add_config_arguments(parser, skip=("student", "teacher", "output", "train_tokens", "resume",
-                                       "tp", "pp", "seed"), group_title="retraining")
+                                       "tp", "pp", "seed"), group_title="retraining",
+                         aliases={"precision": ("--dtype",)})
     add_layout_arguments(parser)
 
 

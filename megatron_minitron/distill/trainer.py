@@ -159,9 +159,12 @@ class Trainer:
         run = self.run_state
         if run.valid_batches is None:
             return None
+        from megatron_minitron.distill.setup import params_synced
+
         run.ddp_model.eval()
         try:
-            sums = self.run_schedule(run.valid_batches, forward_only=True)
+            with params_synced(run.ddp_model):
+                sums = self.run_schedule(run.valid_batches, forward_only=True)
         finally:
             run.ddp_model.train()
         return _means(sums)
@@ -211,17 +214,21 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, step: int) -> None:
-        from megatron_minitron.distill.setup import save_training_checkpoint
+        from megatron_minitron.distill.setup import params_synced, save_training_checkpoint
 
-        save_training_checkpoint(self, step)
+        with params_synced(self.run_state.ddp_model):
+            save_training_checkpoint(self, step)
 
     def save_final(self, step: int) -> None:
         from megatron_minitron.checkpoint.io import save_checkpoint
 
+        from megatron_minitron.distill.setup import params_synced
+
         run = self.run_state
         meta = dict(self._meta(step), role="final")
-        save_checkpoint(run.student, self.student_cfg, self.final_dir(), meta=meta,
-                        tokenizer_from=_tokenizer_source(self.config))
+        with params_synced(run.ddp_model):
+            save_checkpoint(run.student, self.student_cfg, self.final_dir(), meta=meta,
+                            tokenizer_from=_tokenizer_source(self.config))
         parallel.log_rank0(f"trained model written to {self.final_dir()}")
 
     def _meta(self, step: int) -> Dict:

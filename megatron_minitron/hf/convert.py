@@ -248,7 +248,7 @@ def export_hf(load: str, output: str, dtype: torch.dtype = torch.float32,
     hf_config = mapping.hf_config_from(cfg, dtype, token_ids)
     transformers = _transformers()
     with parallel.parallel_context(1, 1):
-        model = adapter.build_gpt_model(cfg, use_te=False)
+        model = adapter.build_gpt_model(cfg, use_te=False, init_weights=False)
         io.load_weights(model, load)
         state = mapping.hf_state_from(model, cfg, dtype)
         del model
