@@ -6,9 +6,10 @@ through the functions here, so a change in mcore is mended in this file alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
-from typing import Dict, List
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from megatron.core import parallel_state  # noqa: E402
 from megatron.core.activations import squared_relu  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
 from megatron.core.transformer.transformer_block import (  # noqa: E402
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -81,8 +83,13 @@ def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
 
 
 def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
-                       **overrides) -> TransformerConfig:
-    """Maps our ModelConfig onto mcore's TransformerConfig at the current parallel layout."""
+                       init_weights: bool = True, **overrides) -> TransformerConfig:
+    """Maps our ModelConfig onto mcore's TransformerConfig at the current parallel layout.
+
+    Weights are created on the GPU where there is one (on the host only on CPU machines), and
+    randomly initialised only when ``init_weights`` (False when a checkpoint is loaded next).
+    ``overrides``: further TransformerConfig fields, e.g. :func:`gpu_features`' first dict.
+    """
     kwargs = dict(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -109,33 +116,144 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         sequence_parallel=False,
-        use_cpu_initialization=True,
+        use_cpu_initialization=cpu_mode(),
+        perform_initialization=init_weights,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
+LayerSpecFn = Callable[[ModelConfig, TransformerConfig], Any]
+"""``(cfg, transformer_config) -> layer spec`` (a ModuleSpec or TransformerBlockSubmodules)."""
+
+_SPEC_OVERRIDE: List[LayerSpecFn] = []
+
+
+@contextlib.contextmanager
+def use_layer_spec(spec: LayerSpecFn):
+    """Every :func:`build_gpt_model` inside ``with`` (checkpoint loads included) uses ``spec``.
+
+    Lets tests run the whole pipeline on another layer spec (e.g. the CPU stand-in of the
+    Transformer Engine spec in ``megatron_minitron.testing.te_standin``).
+    """
+    _SPEC_OVERRIDE.append(spec)
+    try:
+        yield
+    finally:
+        _SPEC_OVERRIDE.pop()
+
+
+def gpu_features(cfg: ModelConfig, *, gpu: bool, te: bool, apex: bool, flash_attn: bool,
+                 params_dtype: torch.dtype, training: bool, sequence_parallel: bool = False,
+                 recompute: str | None = None, overlap_grad_reduce: bool = False,
+                 overlap_param_gather: bool = False, distributed_optimizer: bool = False):
+    """``(TransformerConfig fields, DistributedDataParallelConfig fields)`` of a run's GPU
+    features; a pure function of its arguments, so it is tested without CUDA.
+
+    Each flag maps onto mcore's own field. mcore's fusions are switched on where their kernels
+    exist (a GPU with Transformer Engine or NVIDIA apex): bias-dropout, masked softmax,
+    bias-activation (SwiGLU, or GeLU with biases: the activations mcore fuses), RoPE (TE),
+    persistent LayerNorm (apex) and, for training, gradient accumulation into the fp32 main
+    grads. Under TE in bf16/fp16, attention runs on the flash-attention backend when
+    ``flash_attn`` imports (TE chooses among its own otherwise). Whether a flag may be used at
+    all is checked with the run's arguments (``TrainConfig.check_gpu_features``).
+    """
+    from megatron.core.transformer.enums import AttnBackend
+
+    model: Dict = {}
+    if gpu and (te or apex):
+        model.update(
+            bias_dropout_fusion=True,
+            masked_softmax_fusion=True,
+            bias_activation_fusion=cfg.activation == "swiglu" or (
+                cfg.activation == "gelu" and cfg.add_bias_linear),
+            apply_rope_fusion=te,
+            persist_layer_norm=apex,
+            gradient_accumulation_fusion=training,
+        )
+    if gpu and te and flash_attn and params_dtype in (torch.bfloat16, torch.float16):
+        model["attention_backend"] = AttnBackend.flash
+    if sequence_parallel:
+        model["sequence_parallel"] = True
+    if recompute == "selective":  # mcore's default module: the attention core
+        model["recompute_granularity"] = "selective"
+    elif recompute == "full":
+        model.update(recompute_granularity="full", recompute_method="uniform",
+                     recompute_num_layers=1)
+    elif recompute is not None:
+        raise ValueError(f"recompute={recompute!r}; use selective or full")
+    ddp = dict(overlap_grad_reduce=overlap_grad_reduce,
+               overlap_param_gather=overlap_param_gather and distributed_optimizer,
+               use_distributed_optimizer=distributed_optimizer)
+    return model, ddp
+
+
 def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
-                    use_te: bool | None = None) -> GPTModel:
-    """Builds this rank's pipeline stage of an mcore GPTModel for ``cfg``."""
+                    use_te: bool | None = None, spec: Optional[LayerSpecFn] = None,
+                    init_weights: bool = True, **config_overrides) -> GPTModel:
+    """Builds this rank's pipeline stage of an mcore GPTModel for ``cfg``.
+
+    ``use_te``: Transformer Engine spec (default: when TE imports). ``spec``: builds the layer
+    spec instead, ``spec(cfg, transformer_config)`` (default: the one set by
+    :func:`use_layer_spec`, else the local or TE spec). ``init_weights=False`` skips the random
+    initialisation (the weights hold whatever memory held): for models a checkpoint is loaded
+    into. ``config_overrides``: TransformerConfig fields passed on to
+    :func:`transformer_config`.
+    """
     cfg.check_layout(parallel_state.get_tensor_model_parallel_world_size(),
                      parallel_state.get_pipeline_model_parallel_world_size())
     use_te = te_available() if use_te is None else use_te
+    if spec is None and _SPEC_OVERRIDE:
+        spec = _SPEC_OVERRIDE[-1]
     with cuda_to_cpu():  # tied embeddings under PP call .cuda() while syncing the output layer
-        model = _gpt_model(cfg, params_dtype, use_te)
+        model = _gpt_model(cfg, params_dtype, use_te, spec, init_weights, config_overrides)
+    if not init_weights:
+        _mark_tensor_parallel_weights(model)
+    if params_dtype != torch.float32:  # the local spec's torch norms are built in fp32; every
+        model.to(dtype=params_dtype)  # weight in one dtype, as Megatron's Float16Module does
     if not cpu_mode():
         model.cuda(torch.cuda.current_device())
     return model
 
 
-def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool) -> GPTModel:
-    config = transformer_config(cfg, params_dtype)
+def _mark_tensor_parallel_weights(model: GPTModel) -> None:
+    """Tags each tensor-parallel weight with its partition (``tensor_model_parallel``,
+    ``partition_dim``, ``partition_stride``), as mcore's weight initialisation does and its
+    ``perform_initialization=False`` path does not; gradient clipping and the optimizers read
+    the tags (without them a TP-split weight counts on TP rank 0 only)."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    partition_dims = ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0),
+                      (RowParallelLinear, 1))
+    # a gated fc1 holds [gate, up] interleaved per TP rank: mcore gives it stride 2
+    gated_fc1 = ({id(mlp_fc1(layer)) for layer in decoder_layers(model)}
+                 if model.config.gated_linear_unit else set())
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
+            continue
+        for kind, dim in partition_dims:
+            if isinstance(module, kind):
+                stride = 2 if id(module) in gated_fc1 else 1
+                set_tensor_model_parallel_attributes(weight, True, dim, stride)
+
+
+def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool,
+               spec: Optional[LayerSpecFn], init_weights: bool,
+               config_overrides: Dict) -> GPTModel:
+    config = transformer_config(cfg, params_dtype, init_weights, **config_overrides)
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg, use_te, config),
+        transformer_layer_spec=(spec or (lambda c, t: layer_spec(c, use_te, t)))(cfg, config),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -179,20 +297,125 @@ def mlp_fc2(layer) -> torch.nn.Module:
     return layer.mlp.linear_fc2
 
 
-def layer_norms(layer) -> List[torch.nn.Module]:
-    """The norms inside a layer (input and pre-MLP), whichever spec built it."""
+# ---------------------------------------------------------------- norms, whichever spec
+
+NO_NORM = "no_norm"
+"""Role of a placeholder where a norm could sit (``nn.Identity``, mcore's ``IdentityOp``)."""
+FUSED_NORM_LINEAR = "fused_norm_linear"
+"""Role of a linear that applies its input norm itself (Transformer Engine's
+``LayerNormColumnParallelLinear``: ``layer_norm_weight``, ``layer_norm_bias``,
+``normalization``, ``eps``, ``zero_centered_gamma``)."""
+
+MODULE_ROLES: Dict[type, str] = {torch.nn.Identity: NO_NORM, IdentityOp: NO_NORM}
+"""mcore module class -> what it is to us; looked up along the class's MRO."""
+
+
+def register_module_role(cls: type, role: str) -> None:
+    """Tells the package what ``cls`` is (e.g. a fused norm+linear of another spec)."""
+    MODULE_ROLES[cls] = role
+
+
+def _register_te_roles() -> None:
+    if te_available():
+        from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
+
+        register_module_role(TELayerNormColumnParallelLinear, FUSED_NORM_LINEAR)
+
+
+_register_te_roles()
+
+
+def module_role(module) -> Optional[str]:
+    """The registered role of ``module``'s class (or of a base class), else None."""
+    if module is None:
+        return NO_NORM
+    for cls in type(module).__mro__:
+        if cls in MODULE_ROLES:
+            return MODULE_ROLES[cls]
+    return None
+
+
+def fused_norm_output(module, hidden: torch.Tensor) -> torch.Tensor:
+    """The norm output a fused norm+linear computes from its input ``hidden`` [s, b, h].
+
+    Normalises in fp32 with the module's own weight, bias, epsilon and zero-centred gamma, and
+    returns the input's dtype, as Transformer Engine does.
+    """
+    weight = module.layer_norm_weight.float()
+    if getattr(module, "zero_centered_gamma", False):
+        weight = weight + 1
+    shape, eps = (hidden.shape[-1],), getattr(module, "eps", 1e-5)
+    if getattr(module, "normalization", "LayerNorm") == "RMSNorm":
+        out = F.rms_norm(hidden.float(), shape, weight, eps)
+    else:
+        bias = getattr(module, "layer_norm_bias", None)
+        out = F.layer_norm(hidden.float(), shape, weight, None if bias is None else bias.float(),
+                           eps)
+    return out.to(hidden.dtype)
+
+
+@dataclasses.dataclass
+class Norm:
+    """One norm of the model: a module of its own, or fused into the linear that follows it."""
+
+    module: torch.nn.Module
+    fused: bool = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.layer_norm_weight if self.fused else self.module.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.module, "layer_norm_bias" if self.fused else "bias", None)
+
+    def register_output_hook(self, hook):
+        """Calls ``hook(module, args, norm_output)`` each time the norm runs; returns the
+        removable handle. For a fused norm the output is recomputed from the linear's input."""
+        if not self.fused:
+            return self.module.register_forward_hook(hook)
+
+        def pre_hook(module, args):
+            hook(module, args, fused_norm_output(module, args[0]))
+        return self.module.register_forward_pre_hook(pre_hook)
+
+
+_NORM_SITES = (("input_layernorm", ("self_attention", "linear_qkv")),
+               ("pre_mlp_layernorm", ("mlp", "linear_fc1")))
+"""Each norm of a layer: its own module name, and the linear it is fused into otherwise."""
+
+
+def layer_norms(layer) -> List[Norm]:
+    """The norms inside a layer (input, pre-MLP), whichever spec built it."""
     norms = []
-    for name in ("input_layernorm", "pre_mlp_layernorm"):
+    for name, (parent, child) in _NORM_SITES:
         module = getattr(layer, name, None)
-        if module is not None and not isinstance(module, torch.nn.Identity):
-            norms.append(module)
+        if module_role(module) != NO_NORM:
+            norms.append(Norm(module))
+            continue
+        linear = getattr(getattr(layer, parent), child)
+        if module_role(linear) != FUSED_NORM_LINEAR and not hasattr(linear, "layer_norm_weight"):
+            raise ValueError(f"layer {layer.layer_number}: {name} is {type(module).__name__} "
+                             f"and {parent}.{child} ({type(linear).__name__}) applies no norm; "
+                             "this layer spec is not supported")
+        norms.append(Norm(linear, fused=True))
     return norms
 
 
-def final_norm(model: GPTModel):
+def final_norm(model: GPTModel) -> Optional[Norm]:
     """The decoder's final norm on the last pipeline stage, else None."""
     norm = getattr(model.decoder, "final_layernorm", None)
-    return None if isinstance(norm, torch.nn.Identity) else norm
+    return None if module_role(norm) == NO_NORM else Norm(norm)
+
+
+NORM_PARAMETER_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight",
+                           "layer_norm_bias")
+"""A layer parameter (or checkpoint key) with one of these endings is a norm's [h] weight or
+bias, standalone (``input_layernorm.weight``) or fused (``linear_qkv.layer_norm_weight``)."""
+
+
+def is_norm_parameter(name: str) -> bool:
+    return name.endswith(NORM_PARAMETER_SUFFIXES)
 
 
 def layer_hidden_input(args, kwargs) -> torch.Tensor:
@@ -231,56 +454,94 @@ def output_layer(model: GPTModel) -> torch.nn.Module:
     return model.output_layer
 
 
+def accepts_attention_mask(model: GPTModel) -> bool:
+    """True when every layer's core attention applies the ``attention_mask`` it is given
+    (mcore's local ``DotProductAttention``); Transformer Engine's causal kernels ignore it."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    layers = decoder_layers(model)
+    return all(isinstance(getattr(layer.self_attention, "core_attention", None),
+                          DotProductAttention) for layer in layers)
+
+
+@contextlib.contextmanager
+def rotary_positions(model: GPTModel, positions):
+    """Inside ``with``, the model's RoPE uses ``positions`` [b, s] instead of 0..s-1.
+
+    mcore's GPTModel computes rotary frequencies for positions 0..s-1 ([s, 1, 1, d]) and
+    ignores ``position_ids``; a forward hook on its rotary module hands the attention layers
+    the frequencies of each row's own positions instead ([s, b, 1, d], which mcore's RoPE
+    broadcasts over heads).
+    """
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if positions is None or rotary is None:
+        yield
+        return
+
+    def hook(module, args, output):
+        if not torch.is_tensor(output):
+            raise NotImplementedError(f"explicit positions with {type(module).__name__}")
+        return output[:, 0, 0, :][positions.t()].unsqueeze(2)  # [s, b, 1, d]
+
+    handle = rotary.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # ---------------------------------------------------------------- state dict naming
 
-# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear. Our
-# checkpoints always use the local spec's names so they load with either spec.
-_TE_TO_LOCAL = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+# Checkpoints name the norms as Transformer Engine does (``...linear_qkv.layer_norm_weight``):
+# mcore's local spec maps its ``input_layernorm.``/``pre_mlp_layernorm.`` onto those names
+# (``sharded_state_dict_keys_map``), so Megatron-LM checkpoints read the same under both specs.
+# Checkpoints of ours written before used the local module names; they still load.
+_LEGACY_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
 }
 
 
-def canonical_key(key: str) -> str:
-    for te_name, local_name in _TE_TO_LOCAL.items():
-        if key.endswith(te_name):
-            return key[: -len(te_name)] + local_name
+def legacy_checkpoint_key(key: str) -> str:
+    """``key`` as checkpoints of ours named it before they followed mcore's scheme."""
+    for te_name, local_name in _LEGACY_NORM_NAMES.items():
+        at = key.rfind(te_name)
+        if at >= 0 and (at == 0 or key[at - 1] == "."):
+            return key[:at] + local_name + key[at + len(te_name):]
     return key
+
+
+def match_checkpoint_keys(sharded: Dict, checkpoint_keys: Iterable[str]) -> Dict:
+    """Renames, in place, the sharded tensors of a load request that the checkpoint holds only
+    under their former names (see :func:`legacy_checkpoint_key`); returns ``sharded``."""
+    present = set(checkpoint_keys)
+    for value in sharded.values():
+        key = getattr(value, "key", None)
+        if key is not None and key not in present:
+            legacy = legacy_checkpoint_key(key)
+            if legacy in present:
+                value.key = legacy
+    return sharded
 
 
 def sharded_state_dict(model: GPTModel) -> Dict:
-    """mcore sharded state dict with spec-independent keys (weights only, no extra state)."""
-    sharded = model.sharded_state_dict()
-    out = {}
-    for key, value in sharded.items():
-        if key.endswith("_extra_state"):
-            continue
-        key = canonical_key(key)
-        if hasattr(value, "key"):
-            value.key = canonical_key(value.key)
-        out[key] = value
-    return out
+    """mcore's sharded state dict of ``model`` (weights only, no extra state).
 
-
-# mcore's own key names (Megatron-LM's checkpoints and ``--output-format megatron``): the
-# local spec's sharded_state_dict_keys_map already saves its norms under the TE names.
-_LOCAL_TO_TE = {local: te for te, local in _TE_TO_LOCAL.items()}
+    Keys follow mcore's scheme whichever spec built the model (Transformer Engine names for
+    the norms), so a checkpoint saved under one spec loads under the other.
+    """
+    return {key: value for key, value in model.sharded_state_dict().items()
+            if not key.endswith("_extra_state")}
 
 
 def native_key(key: str) -> str:
-    """The mcore key of a stored tensor named by :func:`canonical_key`."""
-    for local_name, te_name in _LOCAL_TO_TE.items():
-        if key.endswith(local_name):
-            return key[: -len(local_name)] + te_name
+    """mcore's name of a stored key that may use the former names (the inverse of
+    :func:`legacy_checkpoint_key`)."""
+    for te_name, local_name in _LEGACY_NORM_NAMES.items():
+        at = key.rfind(local_name)
+        if at >= 0 and (at == 0 or key[at - 1] == "."):
+            return key[:at] + te_name + key[at + len(local_name):]
     return key
-
-
-def native_sharded_state_dict(model: GPTModel) -> Dict:
-    """mcore sharded state dict under mcore's own keys (weights only, no extra state)."""
-    return {key: value for key, value in model.sharded_state_dict().items()
-            if not key.endswith("_extra_state")}
 
 
 def megatron_lm_sharded_state_dict(model: GPTModel) -> Dict:

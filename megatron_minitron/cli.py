@@ -16,6 +16,8 @@ import os
 import sys
 from typing import Dict, Tuple
 
+from megatron_minitron.errors import UsageError
+
 COMMANDS: Dict[str, Tuple[str, str]] = {
     "import-hf": ("megatron_minitron.commands.hf", "import a Hugging Face model (Llama, Mistral, Qwen2, Nemotron)"),
     "export-hf": ("megatron_minitron.commands.hf", "export a checkpoint to Hugging Face format"),
@@ -54,6 +56,14 @@ def _command_module(name: str):
     return importlib.import_module(COMMANDS[name][0])
 
 
+def quiet_megatron_logs(verbose: bool) -> None:
+    """Keeps Megatron-Core's INFO lines (its Megatron-FSDP banner at import, per-parameter
+    notes) off the screen unless ``--verbose`` or ``MINITRON_DEBUG=1``."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("megatron", "megatron_fsdp"):
+        logging.getLogger(name).setLevel(level)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="minitron",
@@ -62,6 +72,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("--verbose", action="store_true",
+                             help="also show Megatron-Core's own INFO log lines")
         if only == name:
             _command_module(name).add_arguments(command, name)
     return parser
@@ -70,6 +82,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from megatron_minitron import progress
+
+    progress.quiet_third_party_bars()
+    quiet_megatron_logs("--verbose" in argv or os.environ.get("MINITRON_DEBUG") == "1")
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in COMMANDS:
         print(f"minitron: unknown command {command!r}; choose from {', '.join(COMMANDS)}",
@@ -81,8 +97,11 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0
     try:
+        from megatron_minitron.checkpoint.io import resolve_load_args
+
+        resolve_load_args(args)
         return int(_command_module(args.command).main(args) or 0)
-    except ValueError as err:  # UsageError and config validation: one line, no traceback
+    except UsageError as err:  # bad input: one line; anything else keeps its traceback
         if os.environ.get("MINITRON_DEBUG"):
             raise
         print(f"minitron {args.command}: error: {err}", file=sys.stderr)

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from megatron_minitron.errors import UsageError
+
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("swiglu", "gelu", "squared_relu")
 
@@ -63,7 +65,7 @@ class ModelConfig:
             self.num_query_groups = self.num_attention_heads
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
+                raise UsageError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                     f"{self.num_attention_heads}; set kv_channels explicitly"
                 )
@@ -71,22 +73,22 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "kv_channels", "vocab_size", "max_position_embeddings"):
             if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+                raise UsageError(f"{name}={getattr(self, name)} must be a positive integer")
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
+            raise UsageError(
                 f"num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"num_query_groups={self.num_query_groups}; pick a divisor"
             )
         if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization={self.normalization!r}; use one of {NORMALIZATIONS}")
+            raise UsageError(f"normalization={self.normalization!r}; use one of {NORMALIZATIONS}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation={self.activation!r}; use one of {ACTIVATIONS}")
+            raise UsageError(f"activation={self.activation!r}; use one of {ACTIVATIONS}")
         if self.layernorm_zero_centered_gamma and self.normalization != "LayerNorm":
-            raise ValueError(f"layernorm_zero_centered_gamma=True needs normalization='LayerNorm', "
+            raise UsageError(f"layernorm_zero_centered_gamma=True needs normalization='LayerNorm', "
                              f"not {self.normalization!r}; set one or the other")
         rotated = int(self.kv_channels * self.rotary_percent)  # how mcore and HF round it
         if not 0.0 < self.rotary_percent <= 1.0 or rotated <= 0 or rotated % 2:
-            raise ValueError(f"rotary_percent={self.rotary_percent} must be in (0, 1] and rotate "
+            raise UsageError(f"rotary_percent={self.rotary_percent} must be in (0, 1] and rotate "
                              f"an even number of the kv_channels={self.kv_channels} head channels")
 
     @property
@@ -105,7 +107,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}")
+            raise UsageError(f"unknown model config keys {sorted(unknown)}")
         return cls(**data)
 
     def to_json(self) -> str:
@@ -115,7 +117,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def check_layout(self, tp: int, pp: int) -> None:
-        """Raises ValueError when TP or PP does not divide what it must split."""
+        """Raises UsageError when TP or PP does not divide what it must split."""
         checks = (
             ("num_attention_heads", self.num_attention_heads, tp, "--tensor-model-parallel-size"),
             ("num_query_groups", self.num_query_groups, tp, "--tensor-model-parallel-size"),
@@ -125,7 +127,7 @@ class ModelConfig:
         )
         for name, value, size, flag in checks:
             if value % size:
-                raise ValueError(
+                raise UsageError(
                     f"{flag}={size} does not divide {name}={value}; choose a size that divides it"
                 )
 

@@ -65,6 +65,14 @@ class _Models:
         return count_parameters(cfg)["total"] if cfg is not None else None
 
 
+def planned_models(recipe: Recipe) -> _Models:
+    """Every step's model config (read where its checkpoint exists, planned otherwise)."""
+    models = _Models()
+    for step in recipe.steps:
+        step_cost(step, models)
+    return models
+
+
 def _pruned_config(args, source: Optional[ModelConfig]) -> Optional[ModelConfig]:
     from megatron_minitron.prune.plan import parse_target, target_config
 
@@ -172,6 +180,7 @@ def step_cost(step: Step, models: _Models) -> Dict[str, Any]:
         models.planned[step.output] = models.config(args.student)
         row["params"] = models.params(args.student)
         row["teacher_params"] = models.params(getattr(args, "teacher", None))
+        row["has_teacher"] = bool(getattr(args, "teacher", None))
         row["tokens"], row["measured"] = _training_tokens(step, args)
         teacher = row["teacher_params"] or 0
         if row["params"] is not None and row["tokens"] is not None:
@@ -182,6 +191,7 @@ def step_cost(step: Step, models: _Models) -> Dict[str, Any]:
     elif step.stage == "search":
         row["params"] = models.params(step.output)
         row["teacher_params"] = models.params(args.teacher or args.load)
+        row["has_teacher"] = True
         row["tokens"], row["flops"], row["measured"] = _search_cost(step, args, models)
     else:
         cfg = models.config(args.load)
@@ -270,9 +280,18 @@ FORMULA = ("training: 6·N·T (+ 2·N_teacher·T when distilling); importance an
            "sides).")
 
 
-def _fmt(value, kind: str = "int") -> str:
+NOT_APPLICABLE = "–"
+UNKNOWN = "?"
+LEGEND = (f"{UNKNOWN} = not known yet (the step's input model does not exist yet; a dry run "
+          f"before the first steps ran); {NOT_APPLICABLE} = does not apply (no teacher in that "
+          "step, or no `scratch_tokens:` in the recipe to compare with from-scratch training).")
+
+
+def _fmt(value, kind: str = "int", applies: bool = True) -> str:
+    if not applies:
+        return NOT_APPLICABLE
     if value is None:
-        return "?"
+        return UNKNOWN
     if kind == "ratio":
         return f"{value:.2f}x"
     if kind == "flops":
@@ -288,15 +307,17 @@ def format_cost(cost: Dict[str, Any]) -> str:
     for row in cost["steps"]:
         status = "done" if row["done"] else "planned"
         lines.append(f"| {row['name']} | {row['stage']} | {_fmt(row['params'])} | "
-                     f"{_fmt(row['teacher_params'])} | {_fmt(row['tokens'])} | "
+                     f"{_fmt(row['teacher_params'], applies=row.get('has_teacher', False))} | "
+                     f"{_fmt(row['tokens'])} | "
                      f"{_fmt(row['flops'], 'flops')} | {status} |")
     lines += ["", "| model | N | trained tokens | FLOPs (with its ancestors) | from scratch | "
               "scratch ÷ ours |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    scratch = cost["total"].get("scratch_tokens") is not None
     for model in cost["models"]:
         lines.append(f"| {model['name']} | {_fmt(model['params'])} | {_fmt(model['tokens'])} | "
                      f"{_fmt(model['flops'], 'flops')} | "
-                     f"{_fmt(model.get('scratch_flops'), 'flops')} | "
-                     f"{_fmt(model.get('ratio'), 'ratio')} |")
+                     f"{_fmt(model.get('scratch_flops'), 'flops', scratch)} | "
+                     f"{_fmt(model.get('ratio'), 'ratio', scratch)} |")
     total = cost["total"]
     lines += ["", f"total: {_fmt(total['tokens'])} tokens trained or forwarded, "
               f"{_fmt(total['flops'], 'flops')} FLOPs"]
@@ -309,7 +330,7 @@ def format_cost(cost: Dict[str, Any]) -> str:
                      f"{_fmt(total['scratch_flops_family'], 'flops')} vs "
                      f"{_fmt(total['flops_family'], 'flops')} FLOPs = "
                      f"{_fmt(total['ratio_family'], 'ratio')}")
-    lines += ["", f"Formula: {cost['formula']}"]
+    lines += ["", LEGEND, "", f"Formula: {cost['formula']}"]
     return "\n".join(lines)
 
 

@@ -1,6 +1,11 @@
-"""Process groups: initialisation from torchrun's environment (or one process), rank helpers.
+"""Process groups: initialisation from torchrun's environment (or one process), rank helpers
+and the package's collectives.
 
-All rank branching of the package goes through this module.
+All rank branching of the package goes through this module, and so does every
+``torch.distributed`` collective: :func:`all_reduce`, :func:`all_gather`,
+:func:`all_gather_into_tensor`, :func:`broadcast` and :func:`broadcast_object` take their process
+group explicitly, run on the device the group's backend takes (:func:`backend_device`: CUDA for
+NCCL, CPU for gloo) and give the result back on the caller's device.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import List
 
 import torch
 import torch.distributed as dist
 
 from megatron_minitron.compat.cpu import apply_cpu_patches, cpu_mode
+from megatron_minitron.errors import UsageError
 
 logger = logging.getLogger("megatron_minitron")
 _ADDED_ENV: list = []  # environment variables initialize() set for a single process
@@ -42,10 +49,10 @@ def free_port() -> int:
 
 def check_layout(tp: int, pp: int, world_size: int) -> None:
     if tp < 1 or pp < 1:
-        raise ValueError(f"--tensor-model-parallel-size={tp} and --pipeline-model-parallel-size={pp}"
+        raise UsageError(f"--tensor-model-parallel-size={tp} and --pipeline-model-parallel-size={pp}"
                          " must be >= 1")
     if world_size % (tp * pp):
-        raise ValueError(
+        raise UsageError(
             f"TP×PP={tp}×{pp} does not divide the world size {world_size}; launch a multiple of "
             f"{tp * pp} ranks with torchrun --nproc-per-node"
         )
@@ -162,14 +169,102 @@ def log_rank0(msg: str, level: int = logging.INFO) -> None:
         logger.log(level, msg)
 
 
-def broadcast_object(obj, src: int = 0):
-    """Broadcasts a picklable object from ``src`` to every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def device() -> torch.device:
     return torch.device("cpu") if cpu_mode() else torch.device("cuda", torch.cuda.current_device())
+
+
+# ----------------------------------------------------------------------------- collectives
+# ``group=None`` is the default group. Every helper is a no-op on a one-rank group (or without
+# torch.distributed), so callers need no ``is_initialized()`` checks of their own.
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def group_size(group=None) -> int:
+    """Ranks in ``group``; 1 without torch.distributed."""
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def group_rank(group=None) -> int:
+    """This process's rank within ``group``; 0 without torch.distributed."""
+    return dist.get_rank(group) if dist.is_initialized() else 0
+
+
+def global_rank(group, rank_in_group: int) -> int:
+    """The global rank of ``group``'s member ``rank_in_group``."""
+    if not dist.is_initialized() or group is None:
+        return rank_in_group
+    return dist.get_global_rank(group, rank_in_group)
+
+
+def backend_device(group=None) -> torch.device:
+    """The device ``group``'s backend takes tensors on: the current CUDA device for NCCL (which
+    refuses CPU tensors), the CPU otherwise (gloo)."""
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _on_backend(tensor: torch.Tensor, group) -> torch.Tensor:
+    """``tensor`` itself when the backend takes it as it is, else a contiguous copy there."""
+    target = backend_device(group)
+    if tensor.device == target and tensor.is_contiguous():
+        return tensor
+    return tensor.to(target, memory_format=torch.contiguous_format)
+
+
+def _give_back(tensor: torch.Tensor, work: torch.Tensor) -> torch.Tensor:
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tensor:
+    """Reduces ``tensor`` in place over ``group`` (``op``: sum, max or min); returns it."""
+    if group_size(group) == 1:
+        return tensor
+    work = _on_backend(tensor, group)
+    dist.all_reduce(work, op=_REDUCE_OPS[op], group=group)
+    return _give_back(tensor, work)
+
+
+def all_gather(tensor: torch.Tensor, group=None) -> List[torch.Tensor]:
+    """Every rank's ``tensor`` (the same shape on each), in group rank order, on its device."""
+    size = group_size(group)
+    if size == 1:
+        return [tensor]
+    work = _on_backend(tensor, group)
+    parts = [torch.empty_like(work) for _ in range(size)]
+    dist.all_gather(parts, work, group=group)
+    return [part.to(tensor.device) for part in parts]
+
+
+def all_gather_into_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``tensor`` [n, ...] stacked along dim 0 in group rank order:
+    [size * n, ...] on ``tensor``'s device (one collective, no list of parts)."""
+    size = group_size(group)
+    if size == 1:
+        return tensor
+    work = _on_backend(tensor, group)
+    out = torch.empty((size * work.shape[0],) + tuple(work.shape[1:]), dtype=work.dtype,
+                      device=work.device)
+    dist.all_gather_into_tensor(out, work, group=group)
+    return out.to(tensor.device)
+
+
+def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    """Overwrites ``tensor`` in place with global rank ``src``'s; returns it."""
+    if group_size(group) == 1:
+        return tensor
+    work = _on_backend(tensor, group)
+    dist.broadcast(work, src=src, group=group)
+    return _give_back(tensor, work)
+
+
+def broadcast_object(obj, src: int = 0, group=None):
+    """Broadcasts a picklable object from global rank ``src`` to every rank of ``group``."""
+    if group_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]

@@ -19,8 +19,6 @@ import contextlib
 import os
 import sys
 
-from tqdm import tqdm
-
 ENV = "MINITRON_PROGRESS"
 
 
@@ -30,14 +28,20 @@ def _rank0() -> bool:
     return parallel.is_rank0()
 
 
+def _setting():
+    """``MINITRON_PROGRESS``: True (always), False (never) or None (terminal only)."""
+    setting = os.environ.get(ENV, "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    return True if setting in ("1", "true", "yes", "on") else None
+
+
 def _disable():
     """tqdm's ``disable``: True off rank 0 or when turned off, None (terminal only) by default."""
-    setting = os.environ.get(ENV, "").strip().lower()
-    if not _rank0() or setting in ("0", "false", "no", "off"):
+    setting = _setting()
+    if not _rank0() or setting is False:
         return True
-    if setting in ("1", "true", "yes", "on"):
-        return False
-    return None
+    return False if setting else None
 
 
 def enabled() -> bool:
@@ -55,23 +59,29 @@ def _width(stream) -> int:
         return -1
 
 
-def bar(total=None, desc: str = "", leave: bool = False, **kwargs) -> tqdm:
+def bar(total=None, desc: str = "", leave: bool = False, **kwargs):
     """A rank-0 bar (a no-op object elsewhere or when bars are off)."""
     if _width(sys.stderr) == 0:  # a terminal that reports no size (under `script`): tqdm
         kwargs.setdefault("ncols", 100)  # would draw nothing
         kwargs.setdefault("nrows", 24)
     else:
         kwargs.setdefault("dynamic_ncols", True)
+    from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, disable=_disable(), leave=leave, file=sys.stderr,
                 **kwargs)
 
 
 def live() -> bool:
     """Whether some bar is on screen now."""
+    from tqdm import tqdm
+
     return any(not getattr(instance, "disable", True) for instance in list(tqdm._instances))
 
 
 def _print_above(stream, line: str) -> None:
+    from tqdm import tqdm
+
     with tqdm.external_write_mode(file=sys.stderr):  # clears the bars, redraws them after
         stream.write(line + "\n")
         stream.flush()
@@ -125,3 +135,37 @@ def lines_above_bars(active: bool = True):
             yield
         finally:
             writer.flush()
+
+
+def quiet_third_party_bars() -> None:
+    """Where our bars are off, libraries' own tqdm bars (GGUF dequantisation in transformers)
+    are off too: tqdm reads ``TQDM_DISABLE`` once, when it is first imported, so this runs at
+    start-up (``minitron`` calls it before importing anything that imports tqdm). Bars made
+    here pass ``disable=`` themselves and are unaffected."""
+    setting = _setting()
+    shown = setting if setting is not None else bool(getattr(sys.stderr, "isatty", bool)())
+    if not shown or os.environ.get("RANK", "0") != "0":
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@contextlib.contextmanager
+def third_party_bars():
+    """Inside ``with``, transformers' own bars (weight loading) show only where ours would: on
+    rank 0 of a terminal, or with ``MINITRON_PROGRESS=1``."""
+    hf_logging = None if enabled() else _transformers_logging()
+    was_on = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if was_on:
+        hf_logging.disable_progress_bar()  # transformers passes disable= itself
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _transformers_logging():
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return None
+    return hf_logging

@@ -212,7 +212,7 @@ def load_recipe(path: str) -> Recipe:
     for index, (raw, (stage, name)) in enumerate(zip(data["steps"], headers)):
         later = {n for _, n in headers[index + 1:]}
         step = _build_step(stage, name, raw, common, workdir, outputs, later, used_common)
-        parse_step(step)
+        check_step_settings(step, parse_step(step))
         outputs[name] = step.output
         steps.append(step)
     unused = sorted(set(common) - used_common)
@@ -222,6 +222,19 @@ def load_recipe(path: str) -> Recipe:
     return Recipe(name=str(data.get("name", os.path.splitext(os.path.basename(path))[0])),
                   workdir=workdir, teacher=teacher, steps=steps,
                   scratch_tokens=data.get("scratch_tokens"))
+
+
+def check_step_settings(step: Step, args: argparse.Namespace) -> None:
+    """The value checks a training step's command makes first (TrainConfig's, GPU features
+    included), run when the recipe is read so that no earlier step's work is wasted."""
+    if step.command not in ("correct-teacher", "distill", "train", "search"):
+        return
+    from megatron_minitron.distill.config import TrainConfig
+
+    try:
+        TrainConfig.from_args(args)
+    except UsageError as err:
+        raise UsageError(f"step {step.name} (minitron {step.command}): {err}") from None
 
 
 def _build_step(stage, name, raw, common, workdir, outputs, later, used_common) -> Step:

@@ -55,9 +55,16 @@ def model_rows(recipe) -> List[Dict[str, Any]]:
         for key in ("loss", "ppl", "tokens", "samples", "seq_length", "limit"):
             if key in result:
                 row[key] = result[key]
-        row["tasks"] = {task: metrics["acc"] for task, metrics in result.get("tasks", {}).items()}
+        measured = result.get("tasks", {})
+        row["tasks"] = {task: metrics["acc"] for task, metrics in measured.items()}
+        row["tasks_stderr"] = {task: metrics.get("acc_stderr") for task, metrics in
+                               measured.items()}
+        row["chance"] = {task: metrics["chance"] for task, metrics in measured.items()
+                         if "chance" in metrics}
         if row["tasks"]:
-            row["items"] = {task: metrics["items"] for task, metrics in result["tasks"].items()}
+            row["items"] = {task: metrics["items"] for task, metrics in measured.items()}
+        if "items_per_second" in result:
+            row["items_per_second"] = result["items_per_second"]
         rows.append(row)
     return rows
 
@@ -110,6 +117,13 @@ def _num(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _acc(row: Dict[str, Any], task: str) -> str:
+    """``0.680 ± 0.047``: accuracy ± one standard error over items."""
+    acc = row["tasks"].get(task)
+    stderr = row.get("tasks_stderr", {}).get(task)
+    return _num(acc, ".3f") + (f" ± {stderr:.3f}" if acc is not None and stderr else "")
+
+
 def format_table(summary: Dict[str, Any]) -> str:
     """The before/after table (Markdown) with the cost and time lines under it."""
     rows = summary["models"]
@@ -125,7 +139,7 @@ def format_table(summary: Dict[str, Any]) -> str:
     for row in rows:
         cells = [row["name"], _num(row["params"], ","), _num(row.get("loss"), ".4f"),
                  _num(row.get("ppl"), ".2f")]
-        cells += [_num(row["tasks"].get(task), ".3f") for task in tasks]
+        cells += [_acc(row, task) for task in tasks]
         if tasks:
             accs = [row["tasks"][task] for task in tasks if task in row["tasks"]]
             cells.append(_num(sum(accs) / len(accs) if len(accs) == len(tasks) else None, ".3f"))
@@ -137,8 +151,10 @@ def format_table(summary: Dict[str, Any]) -> str:
                      f"{text['seq_length']} tokens; perplexity = exp(loss)")
     items = next((r for r in rows if r.get("items")), None)
     if items is not None:
+        chance = items.get("chance", {})
         notes.append("accuracy: zero-shot, first " + ", ".join(
-            f"{count} {task}" for task, count in items["items"].items()) + " items")
+            f"{count} {task}" + (f" (chance {chance[task]:.2f})" if task in chance else "")
+            for task, count in items["items"].items()) + " items; ± one standard error")
     cost = summary.get("cost")
     if cost is not None:
         notes.append(f"cost: {_num(cost.get('tokens'), ',')} tokens trained or forwarded, "
@@ -216,11 +232,18 @@ def plot_metrics(summary: Dict[str, Any], path: str) -> str:
         width = 0.8 / max(len(rows), 1)
         for index, row in enumerate(rows):
             xs = [t + (index - (len(rows) - 1) / 2) * width for t in range(len(tasks))]
+            errors = [row.get("tasks_stderr", {}).get(task) or 0.0 for task in tasks]
             ax.bar(xs, [row["tasks"].get(task, 0.0) for task in tasks], width, label=row["name"],
-                   color=colors[index])
+                   color=colors[index], yerr=errors, capsize=3, ecolor="0.3")
+        chance = {}
+        for row in rows:
+            chance.update(row.get("chance", {}))
+        for position, task in enumerate(t for t in tasks if t in chance):
+            ax.hlines(chance[task], tasks.index(task) - 0.45, tasks.index(task) + 0.45,
+                      colors="k", linestyles="dashed", label=None if position else "chance")
         ax.set_xticks(range(len(tasks)))
         ax.set_xticklabels(tasks)
-        ax.set_ylabel("zero-shot accuracy")
+        ax.set_ylabel("zero-shot accuracy (± 1 s.e.)")
         ax.set_ylim(0, 1)
         ax.set_title("tasks")
         ax.legend(fontsize=8)
@@ -282,7 +305,7 @@ def main(argv=None) -> int:
     try:
         recipe = load_recipe(recipe_path(args.recipe))
         summary = write_report(recipe, plots=args.plots)
-    except ValueError as err:
+    except UsageError as err:
         print(f"report: error: {err}", file=sys.stderr)
         return 2
     print(summary["table"])

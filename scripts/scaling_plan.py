@@ -372,6 +372,8 @@ def generate() -> str:
         "**No GPU measurement is behind these figures.** Memory is computed from the sharding "
         "of every parameter and the activation formulas below; time is FLOPs divided by an "
         "assumed throughput. Measure one step on your cluster and scale the times by the ratio.",
+        "What has run on a GPU so far: nothing; `scripts/gpu_check.sh` (README, \"On a GPU\") "
+        "is the check to run, and its result goes to `bench/results/gpu_check.json`.",
         "",
         "## Assumptions",
         "",

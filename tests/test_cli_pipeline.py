@@ -71,7 +71,9 @@ def test_importance_cli_on_two_ranks_equals_one(workspace):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"--seq-length": "4096"}, "--seq-length 4096 is outside 1..128"),
+    ({"--seq-length": "4096"}, "--seq-length 4096 is longer than the model's "
+                               "max_position_embeddings 128"),
+    ({"--seq-length": "-5"}, "--seq-length -5 must be >= 1"),
     ({"--num-samples": "5000"}, "calibration data has"),
     ({"--aggregation": "max,mean"}, "unknown batch aggregation 'max'"),
     ({"--text-file": "/nonexistent/file.txt"}, "--text-file /nonexistent/file.txt does not exist"),
@@ -88,6 +90,15 @@ def test_importance_bad_input_is_one_line(workspace, capsys, change, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not os.path.exists(str(root / "bad.pt"))
+
+
+def test_prune_with_a_non_scores_file_is_one_line(workspace, capsys):
+    root, ckpt, text = workspace
+    assert cli(["prune", "--load", ckpt, "--scores", text, "--target", "hidden_size=32",
+                "--output", str(root / "bad_scores_prune")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--scores {text} is not a scores file" in err[0], err
+    assert "Memo" not in err[0] and "pickle" not in err[0]
 
 
 def test_prune_bad_target_is_one_line(workspace, capsys):
@@ -127,3 +138,21 @@ def test_iterative_pruning_in_rounds(workspace):
     assert round1["model"]["num_layers"] == 3
     final_info = io.read_checkpoint_info(out)
     assert final_info["meta"]["pruned_from"].endswith("round1")
+
+
+def test_random_init_writes_the_target_afresh(workspace, capsys):
+    root, ckpt, text = workspace
+    out = str(root / "random_init")
+    assert cli(["prune", "--load", ckpt, "--random-init", "--target",
+                "ffn_hidden_size=64,num_layers=1", "--output", out]) == 0
+    source, fresh = io.load_config(ckpt), io.load_config(out)
+    assert (fresh.ffn_hidden_size, fresh.num_layers) == (64, 1)
+    assert fresh.replace(extra={}) == source.replace(ffn_hidden_size=64, num_layers=1)
+    assert io.read_checkpoint_info(out)["meta"]["random_init"] is True
+    assert os.path.isdir(os.path.join(out, "tokenizer"))
+    assert cli(["eval", "--load", out, "--text-file", text, "--seq-length", str(SEQ)]) == 0
+    capsys.readouterr()
+    assert cli(["prune", "--load", ckpt, "--target", "ffn_hidden_size=64",
+                "--output", str(root / "no_scores")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--scores is required" in err[0], err

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from megatron_minitron import cli
 from megatron_minitron.testing import spawn
@@ -208,3 +209,24 @@ def test_correct_teacher_and_ce_only_training(distill_models, tmp_path):
         assert valid[-1]["ce"] < train[0]["ce"] - 0.05  # it learned the text
         info = json.load(open(os.path.join(run_dir, "final", "minitron_config.json")))
         assert info["meta"]["trained_by"] == role and info["model"]["hidden_size"] == hidden
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_first_step_learns(warmup):
+    """The warm-up starts one step in: step 0 trains at lr/(W+1), step W reaches the peak."""
+    import torch
+
+    from megatron_minitron.distill.config import TrainConfig
+    from megatron_minitron.distill.setup import lr_scheduler
+
+    config = TrainConfig(seq_length=8, train_tokens=8 * 2 * 10, global_batch_size=2, lr=1e-3,
+                         min_lr=1e-5, lr_warmup_steps=warmup)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    scheduler = lr_scheduler(optimizer, config)
+    rates = []
+    for _ in range(config.train_steps()):
+        rates.append(optimizer.param_groups[0]["lr"])  # the rate the next step trains at
+        scheduler.step(increment=1)
+    assert rates[0] == pytest.approx(1e-3 / (warmup + 1)) and rates[0] > 0
+    assert rates[warmup] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(rates[:warmup], rates[1:warmup + 1]))

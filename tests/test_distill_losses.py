@@ -1,13 +1,17 @@
 """Distillation losses: equal to a plain autograd implementation, exact over vocab-parallel
 logits (TP=2 equals TP=1), untouched by the cross-entropy term, and within the memory bound."""
 
+import math
+
 import pytest
 import torch
 
 from megatron_minitron.distill.losses import (
     LOGIT_LOSSES,
     LogitLossSpec,
+    _chunk_rows,
     logits_loss,
+    loss_chunk_elements,
     reference_logits_loss,
 )
 from megatron_minitron.distill.memory import LiveTensorBytes
@@ -46,6 +50,35 @@ def test_matches_plain_autograd(spec):
                                    rtol=2e-6, atol=1e-9)
     torch.testing.assert_close(grad, plain_grad.float(), rtol=1e-5, atol=1e-7)
     assert float(ours.kd) > 0
+
+
+def test_scaled_backward_scales_the_gradient():
+    student, teacher, labels, mask = _inputs(2)
+    spec = LogitLossSpec("kl", ce_weight=0.5, chunk_tokens=5)
+    _, grad = _loss_and_grad(logits_loss, student, teacher, labels, mask, spec)
+    scaled = student.clone().requires_grad_(True)
+    (3.0 * logits_loss(scaled, teacher, labels, mask, spec).total).backward()
+    torch.testing.assert_close(scaled.grad, 3.0 * grad)
+
+
+def test_chunk_size_follows_the_device():
+    assert loss_chunk_elements("cpu") == loss_chunk_elements(torch.device("cpu")) == 1 << 20
+    cuda = torch.device("cuda", 0)
+    assert loss_chunk_elements(cuda, free_bytes=80 << 30) == 1 << 28  # capped
+    assert loss_chunk_elements(cuda, free_bytes=3 << 30) == (3 << 30) // (8 * 6 * 4)
+    assert loss_chunk_elements("cuda", free_bytes=1 << 20) == 1 << 20  # never below the CPU's
+
+
+def test_llama3_micro_batch_takes_few_chunks_on_a_gpu(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 << 30, 80 << 30))
+    shape = (4096, 1, 128256)  # [s, b, v]: one 4096-token micro-batch at Llama-3's vocabulary
+    with FakeTensorMode():  # shapes and devices only: no memory, no GPU needed
+        on_cpu = torch.empty(shape, dtype=torch.bfloat16)
+        on_gpu = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+        assert math.ceil(shape[0] / _chunk_rows(on_cpu, LogitLossSpec())) == 512
+        assert math.ceil(shape[0] / _chunk_rows(on_gpu, LogitLossSpec())) == 32
 
 
 def test_cross_entropy_only():
@@ -167,3 +200,26 @@ def test_tp2_equals_tp1(tmp_path):
         for ours, reference in ((total, result.total), (kd, result.kd), (ce, result.ce)):
             assert abs(ours - reference.item()) <= 1e-5 * abs(reference.item()), spec
         torch.testing.assert_close(tp2_grad, grad, rtol=1e-5, atol=1e-7)
+
+
+def test_no_host_sync_per_micro_batch_on_a_device(monkeypatch):
+    """A step's loss (KD + CE + intermediate) forward and a scaled backward on a device read
+    nothing back to the host: on the meta device any such read (``bool``, ``.item()``) raises."""
+    from megatron_minitron import adapter
+    from megatron_minitron.distill.model import StageOutput
+    from megatron_minitron.distill.trainer import _loss
+
+    monkeypatch.setattr(adapter, "get_tp_group", lambda: None)
+    meta = torch.device("meta")  # shapes only: the host cannot read a value
+    student = torch.randn(SEQ, BATCH, VOCAB, device=meta, requires_grad=True)
+    teacher = torch.randn(SEQ, BATCH, VOCAB, device=meta)
+    hidden = torch.randn(SEQ, BATCH, device=meta, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (SEQ, BATCH), device=meta)
+    mask = torch.ones(SEQ, BATCH, device=meta)
+    spec = LogitLossSpec("kl", ce_weight=0.5)
+    total, _, report = _loss(spec, labels, mask, StageOutput(student, teacher, hidden * 1.0))
+    (4.0 * total).backward()  # a loss scale: grad_total != 1
+    assert student.grad.device == meta and hidden.grad.device == meta
+    assert report["sums"].shape == (5,)
+    with pytest.raises(Exception):  # a host read does raise there
+        bool(total > 0)

@@ -41,6 +41,19 @@ def _random_requests(count, seed=0):
     return requests
 
 
+def _shared_context_requests(seed=0):
+    """Multiple-choice-shaped requests: contexts with 2-4 continuations each; one item's
+    continuations overflow one row of MAX_POS, one context alone overflows it."""
+    rng = random.Random(seed)
+    tokens = lambda n: [rng.randrange(VOCAB) for _ in range(n)]  # noqa: E731
+    items = [(tokens(rng.randint(1, 20)), [tokens(rng.randint(1, 8)) for _ in range(k)])
+             for k in (2, 4, 3, 4)]
+    items.append((tokens(40), [tokens(12) for _ in range(4)]))  # 40 + 4 × 11 > 64: two rows
+    items.append((tokens(MAX_POS + 3), [tokens(3), tokens(2)]))  # truncated rows of their own
+    return [(context, continuation) for context, continuations in items
+            for continuation in continuations]
+
+
 def _save_hf(root, relative, columns):
     from datasets import Dataset
 
@@ -118,6 +131,27 @@ def test_scores_equal_direct_log_softmax(workspace):
     assert scores[-1][1] is True and scores[-1][0] < 0
 
 
+def test_shared_context_rows_equal_one_row_per_request(workspace):
+    from megatron_minitron.evaluation.loglikelihood import plan_rows
+
+    root, ckpt, _, _ = workspace
+    requests = _shared_context_requests() + _random_requests(5, seed=4)
+    rows = plan_rows(requests, MAX_POS)
+    assert len(rows) < len(requests) and max(len(row) for row in rows) == 4
+    assert sorted(i for row in rows for i in row) == list(range(len(requests)))
+    with parallel.parallel_context(1, 1):
+        model, _ = io.load_checkpoint(ckpt)
+        shared = score_requests(model, requests, MAX_POS, micro_batch_size=2, bucket=8)
+        single = score_requests(model, requests, MAX_POS, micro_batch_size=2, bucket=8,
+                                share_context=False)
+        expected = _direct_scores(model, requests)
+    assert [g for _, g in shared] == [g for _, g in expected] == [g for _, g in single]
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in shared]),
+                               torch.tensor([lp for lp, _ in expected]), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.tensor([lp for lp, _ in shared]),
+                               torch.tensor([lp for lp, _ in single]), rtol=1e-5, atol=1e-4)
+
+
 def test_encode_pairs_follows_lm_eval(tiny_tokenizer_dir):
     from megatron_minitron.data import load_tokenizer
 
@@ -177,7 +211,7 @@ def _two_rank_job(ckpt, requests, out, argv):
 
 def test_two_ranks_equal_one(workspace):
     root, ckpt, _, sets = workspace
-    requests = _random_requests(11, seed=1)
+    requests = _random_requests(11, seed=1) + _shared_context_requests(seed=2)
     with parallel.parallel_context(1, 1):
         model, _ = io.load_checkpoint(ckpt)
         one = score_requests(model, requests, MAX_POS, micro_batch_size=2, bucket=8)
@@ -210,6 +244,8 @@ def test_cli_json_shape(workspace, capsys):
         assert metrics["items"] == 2 and 0 <= metrics["acc"] <= 1 and 0 <= metrics["acc_norm"] <= 1
     assert result["tasks"]["winogrande"]["acc"] == result["tasks"]["winogrande"]["acc_norm"]
     assert result["tasks"]["lambada"]["ppl"] > 1 and "acc_norm" not in result["tasks"]["lambada"]
+    assert result["tasks"]["piqa"]["chance"] == 0.5 and result["tasks"]["lambada"]["chance"] == 0
+    assert result["items_per_second"] == pytest.approx(6 / result["task_seconds"], rel=0.05)
     printed = capsys.readouterr().out
     assert "piqa" in printed and "acc_norm" in printed and "loss" in printed
 

@@ -12,6 +12,7 @@ from megatron_minitron.checkpoint.io import load_checkpoint, save_checkpoint
 from megatron_minitron.errors import UsageError
 from megatron_minitron.importance import ImportanceConfig, estimate_importance
 from megatron_minitron.importance.aggregation import REDUCTIONS, Aggregation
+from megatron_minitron.importance.collect import FiniteFlags, NonFiniteActivation
 from megatron_minitron.testing import spawn, tiny_config
 from plain_llama import plain_forward, plain_scores
 
@@ -156,3 +157,18 @@ def test_non_finite_activation_names_the_layer(tiny_model):
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+def test_finite_flags_name_the_first_layer_and_read_the_host_once():
+    flags = FiniteFlags([4, 5, 6], "cpu")
+    flags.record(torch.ones(2, 3), 4, "norm")
+    flags.check()
+    flags.record(torch.tensor([1.0, float("inf")]), 6, "norm")
+    flags.record(torch.tensor([float("nan")]), 5, "MLP")
+    with pytest.raises(NonFiniteActivation, match="non-finite .NaN/Inf. MLP activations in "
+                                                  "layer 5;"):
+        flags.check()
+    on_device = FiniteFlags([0], "meta")  # no host reads possible there
+    on_device.record(torch.empty(8, 2, device="meta"), 0, "attention head")  # hooks: none
+    with pytest.raises(Exception):
+        on_device.check()  # the one host read per batch

@@ -94,6 +94,33 @@ def test_bad_recipe_is_one_line_before_any_stage(case, tmp_path, capsys):
     assert not workdir.exists()
 
 
+STEP_CHECKS = [
+    (2, {"train_tokens": -5}, "step distill (minitron distill): --train-tokens -5 must be >= 1"),
+    (2, {"lr_warmup_steps": 50}, "--lr-warmup-steps 50 must be below the 4 training steps"),
+    (1, {"target": {"hidden_size": 4096}}, "step prune (minitron prune): --target hidden_size=4096 is larger"),
+    (3, {"seq_length": 4096}, "step eval (minitron eval): --seq-length 4096 is longer than the "
+                              "model's max_position_embeddings"),
+]
+
+
+@pytest.mark.parametrize("index,change,message", STEP_CHECKS,
+                         ids=["tokens", "warmup", "target", "positions"])
+@pytest.mark.parametrize("dry", [False, True], ids=["run", "dry_run"])
+def test_every_step_is_checked_before_the_first(workspace, tmp_path, capsys, index, change,
+                                                message, dry):
+    """A bad value in a late step fails at once, with the command's own check (also on a
+    model an earlier step will make), before anything runs or is written."""
+    root, teacher, text = workspace
+    steps = _steps(text)
+    steps[index].update(change)
+    workdir = tmp_path / "work"
+    path = _recipe(tmp_path / "r.yaml", workdir, teacher, steps)
+    assert cli(["run", path] + (["--dry-run"] if dry else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not workdir.exists()
+
+
 # ----------------------------------------------------------------------------- dry run
 
 def test_dry_run_prints_commands_and_planned_cost(workspace, tmp_path, capsys):
@@ -123,6 +150,13 @@ def test_dry_run_prints_commands_and_planned_cost(workspace, tmp_path, capsys):
     student_n = count_parameters(target_config(io.load_config(teacher), TARGET))["total"]
     assert rows["distill"]["params"] == student_n and rows["distill"]["tokens"] == 4 * 4 * SEQ
     assert rows["distill"]["flops"] == (6 * student_n + 2 * teacher_n) * 4 * 4 * SEQ
+    steps_table, models_table = [
+        {line.split(" | ")[0].strip("| "): line.split(" | ") for line in block.splitlines()
+         if line.startswith("| ")}
+        for block in (workdir / "cost.md").read_text().split("\n\n")[1:3]]
+    assert steps_table["prune"][3] == "–" and steps_table["distill"][3] == f"{teacher_n:,}"
+    assert models_table["distill"][4:] == ["–", "– |"]  # no scratch_tokens: nothing to compare
+    assert "– = does not apply" in (workdir / "cost.md").read_text()
 
 
 # ----------------------------------------------------------------------------- real runs
@@ -161,6 +195,9 @@ def test_run_chain_then_rerun_skips_everything(workspace, tmp_path, capsys):
     assert cli(["run", path]) == 0
     second = capsys.readouterr().out
     assert second.count("skipped") == 4 and "done in" not in second
+    rerun = {row["name"]: row for row in json.loads((workdir / "cost.json").read_text())["steps"]}
+    assert [rerun[name].get("seconds") for name in rows] == \
+        [row["seconds"] for row in rows.values()]  # the re-run keeps the first run's timings
     assert [p.stat().st_mtime_ns for p in outputs] == mtimes
 
 

@@ -68,7 +68,9 @@ def finished(tmp_path, tiny_tokenizer_dir):
                "eval_distilled": (3.75, {"piqa": 0.6, "arc_easy": 0.375})}
     for name, (loss, tasks) in results.items():
         body = {"loss": loss, "ppl": 2.0 ** loss, "tokens": 124, "samples": 4, "seq_length": SEQ,
-                "tasks": {task: {"acc": acc, "items": 8, "split": "validation"}
+                "tasks": {task: {"acc": acc, "acc_stderr": 0.05, "items": 8,
+                                 "chance": 0.5 if task == "piqa" else 0.25,
+                                 "split": "validation"}
                           for task, acc in tasks.items()}, "limit": 8}
         (work / f"{name}.json").write_text(json.dumps(body))
     records = [{"split": "train", "step": s, "loss": 4.0 / s, "ce": 5.0 / s, "tokens": 128}
@@ -103,7 +105,10 @@ def test_table_holds_the_inputs_and_plots_are_written(finished, capsys):
         assert row["tasks"] == tasks
         mean = sum(tasks.values()) / len(tasks)
         assert (f"| {row['name']} | {params:,} | {loss:.4f} | {2.0 ** loss:.2f} | "
-                f"{tasks['piqa']:.3f} | {tasks['arc_easy']:.3f} | {mean:.3f} |") in summary["table"]
+                f"{tasks['piqa']:.3f} ± 0.050 | {tasks['arc_easy']:.3f} ± 0.050 | "
+                f"{mean:.3f} |") in summary["table"]
+    assert "8 piqa (chance 0.50), 8 arc_easy (chance 0.25) items; ± one standard error" in \
+        summary["table"]
     assert rows["eval_pruned"]["params"] < rows["eval_teacher"]["params"]
     assert "cost: 1,234 tokens trained or forwarded, 5.000e+09 FLOPs" in summary["table"]
     assert "time: distill 12 s" in summary["table"]
@@ -180,3 +185,23 @@ def test_recipe_with_forced_bars_then_report(tmp_path, tiny_tokenizer_dir, monke
     log = report.read_log(str(tmp_path / "work" / "distill" / "log.jsonl"))
     assert [r["tokens_seen"] for r in log["train"]] == [128, 256, 384]
     assert os.path.isfile(tmp_path / "work" / "distill_loss.png")
+
+
+def test_importance_plot_has_keys_and_readable_layer_bars(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from megatron_minitron.importance import random_scores
+    from megatron_minitron.importance.plot import plot_scores, scores_figure
+    from megatron_minitron.testing import tiny_config
+
+    scores = random_scores(tiny_config(), seed=1)
+    scores["layer_bi"][0] = 1.0  # the first layer dwarfs the rest, as in real models
+    scores["layer_bi"][1:] = 0.01
+    fig = scores_figure(scores)
+    labels = {ax.get_ylabel() for ax in fig.axes}
+    assert {"head score", "layer"} <= labels  # colour bars say what the colour means
+    (bi_axis,) = [ax for ax in fig.axes if ax.get_title() == "layer importance"]
+    assert bi_axis.get_yscale() == "log"
+    plt.close(fig)
+    plot_scores(scores, str(tmp_path / "scores.png"))
+    assert (tmp_path / "scores.png").read_bytes()[:4] == b"\x89PNG"

@@ -5,6 +5,12 @@ Layout of a checkpoint directory ``CKPT``::
     CKPT/minitron_config.json   # {"format", "version", "model": ModelConfig, "meta": {...}}
     CKPT/metadata.json, *.distcp, common.pt   # megatron.core.dist_checkpointing (torch_dist)
 
+Tensors are named by mcore's scheme whichever layer spec built the model: a layer's norms under
+Transformer Engine's names (``decoder.layers.self_attention.linear_qkv.layer_norm_weight``,
+``decoder.layers.mlp.linear_fc1.layer_norm_weight``), as Megatron-LM checkpoints name them
+(version 2). Version 1 checkpoints named them ``input_layernorm.weight`` and
+``pre_mlp_layernorm.weight``; they load all the same (:func:`adapter.match_checkpoint_keys`).
+
 A save writes into ``CKPT.tmp`` and renames it into place only when every rank has finished, so a
 crash mid-save never leaves a directory that loads as complete. A directory is "ours" when it
 holds ``minitron_config.json``; nothing else is ever overwritten.
@@ -15,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -27,7 +33,8 @@ from megatron_minitron.files import write_json_atomic
 CONFIG_FILE = "minitron_config.json"
 TOKENIZER_DIR = "tokenizer"
 FORMAT = "megatron_minitron.checkpoint"
-VERSION = 1
+VERSION = 2
+"""2: norms under mcore's (Transformer Engine) key names; 1: under the local spec's."""
 
 
 class CheckpointError(UsageError):
@@ -57,6 +64,35 @@ def is_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(megatron_lm.resolve(path, strict=False), CONFIG_FILE))
 
 
+MODEL_SUBDIRS = ("final", "best")
+"""Output folders that stand for one model: a training run's ``final/``, a search's ``best``."""
+
+LOAD_ARGS = ("load", "teacher", "student")
+"""Command arguments that name a model to read."""
+
+
+def resolve_model_dir(path: str) -> str:
+    """``path`` itself when it is a checkpoint; for the output folder of ``minitron distill``/
+    ``train``/``correct-teacher`` (or ``search``) the model it produced (``final``/``best``)."""
+    if os.path.isdir(path) and not is_checkpoint(path):
+        for name in MODEL_SUBDIRS:
+            inner = os.path.join(path, name)
+            if is_checkpoint(inner):
+                return inner
+    return path
+
+
+def resolve_load_args(args) -> None:
+    """Points every model-reading argument of a parsed command at the model itself."""
+    for name in LOAD_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            resolved = resolve_model_dir(value)
+            if resolved != value:
+                parallel.log_rank0(f"--{name} {value}: using its model {resolved}")
+                setattr(args, name, resolved)
+
+
 def check_output_path(path: str) -> None:
     """Raises unless ``path`` is absent, an empty directory, or one of our checkpoints."""
     if not os.path.exists(path):
@@ -84,6 +120,10 @@ def read_checkpoint_info(path: str) -> Dict[str, Any]:
     megatron_lm.check_format(folder, path)
     path = folder
     config_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(config_path) and os.path.isdir(os.path.join(path, "checkpoints")):
+        raise CheckpointError(
+            f"--load {path} is a training output folder without a final model (the run has not "
+            f"finished): resume it with `--resume auto`, or pass one of {path}/checkpoints/*")
     if not os.path.isfile(config_path):
         raise CheckpointError(
             f"--load {path} has no {CONFIG_FILE}: not a megatron_minitron checkpoint "
@@ -177,31 +217,25 @@ def save_checkpoint(model, cfg: ModelConfig, path: str,
     parallel.barrier()
 
 
+def checkpoint_keys(path: str) -> List[str]:
+    """Keys of the tensors stored in checkpoint ``path`` (read from its metadata only)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return list(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
 def load_weights(model, path: str) -> None:
     """Loads the checkpoint's weights into ``model`` (built at the current layout)."""
     from megatron.core import dist_checkpointing
 
     from megatron_minitron.checkpoint import megatron_lm
 
-    path = megatron_lm.resolve(path)
-    if megatron_lm.has_native_keys(path):  # Megatron-LM's, or --output-format megatron
-        megatron_lm.load_weights(model, path)
-        return
-
-    sharded = model.sharded_state_dict()
-    canonical_to_module = {}
-    request = {}
-    for key, value in sharded.items():
-        if key.endswith("_extra_state"):
-            continue
-        canon = adapter.canonical_key(key)
-        canonical_to_module[canon] = key
-        if hasattr(value, "key"):
-            value.key = adapter.canonical_key(value.key)
-        request[canon] = value
+    path = megatron_lm.resolve(path)  # a Megatron-LM save directory: its iteration folder
+    request = adapter.match_checkpoint_keys(adapter.sharded_state_dict(model),
+                                            checkpoint_keys(path))
     loaded = dist_checkpointing.load(request, path)
-    state = {canonical_to_module[k]: v for k, v in loaded.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {key: loaded[key] for key in request}  # not the common state (Megatron-LM's args)
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the model (missing {missing[:5]}, "
@@ -213,16 +247,22 @@ def load_sharded(path: str, sharded: Dict[str, Any]) -> Dict[str, Any]:
     ``path``; collective. Returns the same keys holding the loaded tensors."""
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load(sharded, path)
+    return dist_checkpointing.load(adapter.match_checkpoint_keys(sharded, checkpoint_keys(path)),
+                                   path)
 
 
 def load_checkpoint(path: str, params_dtype: torch.dtype = torch.float32):
-    """Builds the model described by ``path``'s config at the current layout and loads it.
+    """Builds the model described by ``path``'s config at the current layout and loads it
+    (weights cast to ``params_dtype``; built without random initialisation, with the fused
+    kernels this machine has).
 
     Returns ``(model, cfg)``.
     """
+    from megatron_minitron.precision import gpu_fields
+
     cfg = load_config(path)
-    model = adapter.build_gpt_model(cfg, params_dtype=params_dtype)
+    fields, _ = gpu_fields(cfg, params_dtype)
+    model = adapter.build_gpt_model(cfg, params_dtype=params_dtype, init_weights=False, **fields)
     load_weights(model, path)
     return model, cfg
 

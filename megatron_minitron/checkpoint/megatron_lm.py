@@ -274,36 +274,6 @@ def missing_tokenizer_error(path: str) -> UsageError:
                       f"{named!r}) is not a Hugging Face tokenizer folder; pass --tokenizer DIR")
 
 
-def has_native_keys(folder: str) -> bool:
-    """True when the stored norm weights use mcore's own key names (Megatron-LM's, and our
-    ``--output-format megatron``); False for ``input_layernorm``/``pre_mlp_layernorm`` names."""
-    return not any(key.endswith(("input_layernorm.weight", "pre_mlp_layernorm.weight"))
-                   for key in stored_shapes(folder))
-
-
-def load_weights(model, folder: str) -> None:
-    """Loads the model weights stored under mcore's own keys into ``model`` (any layout)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_minitron import adapter
-    from megatron_minitron.checkpoint.io import CheckpointError
-
-    request = adapter.native_sharded_state_dict(model)
-    stored = stored_shapes(folder)
-    absent = sorted(value.key for value in request.values()
-                    if hasattr(value, "key") and value.key not in stored)
-    if absent:
-        raise CheckpointError(f"{folder}: weights do not match the model (missing "
-                              f"{absent[:5]})")
-    loaded = dist_checkpointing.load(request, folder)  # also holds the common state
-    loaded = {key: loaded[key] for key in request}
-    missing, unexpected = model.load_state_dict(loaded, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: weights do not match the model (missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]})")
-
-
 # ---------------------------------------------------------------- writing
 
 

@@ -53,7 +53,6 @@ class CheckpointReader:
     """Reads tensors of a checkpoint by key, one layer slice at a time."""
 
     def __init__(self, path: str):
-        from megatron_minitron import adapter
         from megatron_minitron.checkpoint import megatron_lm
 
         self.path = megatron_lm.resolve(path)
@@ -61,11 +60,8 @@ class CheckpointReader:
         metadata = self._storage.read_metadata()
         self.shapes: Dict[str, torch.Size] = {}
         self.dtypes: Dict[str, torch.dtype] = {}
-        self._stored: Dict[str, str] = {}  # our key name -> the name in the files
-        for stored, meta in metadata.state_dict_metadata.items():
-            if hasattr(meta, "size") and stored.startswith(megatron_lm.MODEL_KEY_PREFIXES):
-                key = adapter.canonical_key(stored)  # Megatron-LM files use mcore's own names
-                self._stored[key] = stored
+        for key, meta in metadata.state_dict_metadata.items():  # weights only (not optimizer)
+            if hasattr(meta, "size") and key.startswith(megatron_lm.MODEL_KEY_PREFIXES):
                 self.shapes[key] = meta.size
                 self.dtypes[key] = meta.properties.dtype
 
@@ -93,7 +89,7 @@ class CheckpointReader:
                 offsets[lead], sizes[lead] = rows[0], rows[1] - rows[0]
             out[key] = torch.empty(sizes[lead:], dtype=self.dtypes[key])
             view = out[key].unsqueeze(0) if lead else out[key]
-            regions.append((self._stored[key], tuple(offsets), tuple(sizes), view))
+            regions.append((key, tuple(offsets), tuple(sizes), view))
         with _single_process():
             dcp.load({}, storage_reader=self._storage,
                      planner=_RegionLoadPlanner(regions), no_dist=True)

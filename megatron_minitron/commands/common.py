@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+from typing import Callable, Optional
 
 import torch
 
@@ -43,8 +44,9 @@ def add_tokenizer_argument(parser) -> None:
                              "needed for Megatron-LM checkpoints without one)")
 
 
-def check_data_arguments(args, cfg: ModelConfig) -> None:
-    """Cheap checks before any model is built."""
+def check_data_arguments(args, cfg: Optional[ModelConfig]) -> None:
+    """Cheap checks before any model is built (``cfg`` None: a model not made yet, whose
+    positions are not checked)."""
     for path in args.text_file or []:
         if not os.path.exists(path):
             raise UsageError(f"--text-file {path} does not exist; pass a text/JSONL file or folder")
@@ -53,9 +55,12 @@ def check_data_arguments(args, cfg: ModelConfig) -> None:
     if args.data_prefix and not os.path.isfile(args.data_prefix + ".idx"):
         raise UsageError(f"--data-prefix {args.data_prefix} has no .idx/.bin files; build them "
                          "with `minitron preprocess-data`")
-    if args.seq_length < 1 or args.seq_length > cfg.max_position_embeddings:
-        raise UsageError(f"--seq-length {args.seq_length} is outside 1..{cfg.max_position_embeddings}"
-                         " (the model's max_position_embeddings); use a shorter sequence")
+    if args.seq_length < 1:
+        raise UsageError(f"--seq-length {args.seq_length} must be >= 1 (tokens per sample)")
+    if cfg is not None and args.seq_length > cfg.max_position_embeddings:
+        raise UsageError(f"--seq-length {args.seq_length} is longer than the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings}; use a shorter "
+                         "sequence")
     if args.num_samples is not None and args.num_samples < 1:
         raise UsageError(f"--num-samples {args.num_samples} must be >= 1")
     if args.micro_batch_size < 1:
@@ -93,3 +98,12 @@ def load_samples(args, checkpoint: str, cfg: ModelConfig) -> torch.Tensor:
 def fingerprint(samples: torch.Tensor) -> str:
     """sha256 of the exact token ids used."""
     return hashlib.sha256(samples.numpy().tobytes()).hexdigest()[:16]
+
+
+ModelLookup = Callable[[str], Optional[ModelConfig]]
+"""``path → ModelConfig`` of a checkpoint, or of one a recipe will make; None when unknown."""
+
+
+def existing_model(path: str) -> Optional[ModelConfig]:
+    """The :data:`ModelLookup` of a plain command: the checkpoint must exist (one-line error)."""
+    return checkpoint_config(path)

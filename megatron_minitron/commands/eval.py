@@ -20,13 +20,16 @@ import time
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
 from megatron_minitron.commands.common import (
+    ModelLookup,
     add_data_arguments,
     check_data_arguments,
     checkpoint_config,
+    existing_model,
     fingerprint,
     load_samples,
 )
 from megatron_minitron.errors import UsageError
+from megatron_minitron.precision import add_precision_argument, params_dtype
 
 TEXT_MICRO_BATCH = 1
 TASK_MICRO_BATCH = 8
@@ -44,10 +47,11 @@ def add_arguments(parser, name):
                        "`python -m megatron_minitron.assets eval_sets` prepares)")
     add_data_arguments(parser, num_samples=None, required=False)
     parser.set_defaults(micro_batch_size=None)
+    add_precision_argument(parser)
     add_layout_arguments(parser)
 
 
-def check_arguments(args) -> list:
+def check_arguments(args, model_config: ModelLookup = existing_model) -> list:
     """Every cheap check, before any process group or model; returns the task names."""
     from megatron_minitron.checkpoint.io import tokenizer_dir
     from megatron_minitron.evaluation.tasks import eval_sets_root, parse_task_names
@@ -63,9 +67,10 @@ def check_arguments(args) -> list:
                          "--seq-length (LM loss), --tasks (downstream accuracy), or both")
     if has_text and args.seq_length is None:
         raise UsageError("--seq-length is required with --text-file/--data-prefix")
-    cfg = checkpoint_config(args.load)
+    cfg = model_config(args.load)
     if names:
-        if args.tokenizer is None and tokenizer_dir(args.load) is None:
+        if (args.tokenizer is None and os.path.isdir(args.load)
+                and tokenizer_dir(args.load) is None):
             raise UsageError(f"--load {args.load} carries no tokenizer/ folder, which --tasks "
                              "needs; pass --tokenizer DIR or re-save it with its tokenizer "
                              "(e.g. `minitron import-hf`)")
@@ -124,15 +129,20 @@ def evaluate_checkpoint(args, names=()) -> dict:
     layout = parallel.initialize(args.tp, args.pp, args.seed)
     cfg.check_layout(layout.tp, layout.pp)
     prepared = _prepared_tasks(args, names, cfg) if names else None
-    model, _ = load_checkpoint(args.load)
-    result = {"checkpoint": os.path.abspath(args.load), "layout": str(layout)}
+    dtype = params_dtype(getattr(args, "precision", "auto"))
+    model, _ = load_checkpoint(args.load, dtype)
+    result = {"checkpoint": os.path.abspath(args.load), "layout": str(layout),
+              "dtype": str(dtype).replace("torch.", "")}
     if args.text_file or args.data_prefix:
         result.update(_text_loss(args, model, cfg, layout))
     if prepared is not None:
         start = time.perf_counter()
         result["tasks"] = score_tasks(model, prepared, cfg.max_position_embeddings,
                                       args.micro_batch_size or TASK_MICRO_BATCH)
-        result.update(limit=args.limit, task_seconds=round(time.perf_counter() - start, 2))
+        seconds = time.perf_counter() - start
+        items = sum(len(task_items) for task_items in prepared.items.values())
+        result.update(limit=args.limit, task_seconds=round(seconds, 2),
+                      items_per_second=round(items / max(seconds, 1e-9), 3))
     return result
 
 
@@ -160,7 +170,8 @@ def main(args) -> int:
                       f"{result['tokens']}  ({result['layout']})")
             if "tasks" in result:
                 print(format_tasks(result["tasks"]))
-                print(f"({result['layout']}, {result['task_seconds']:.1f} s)")
+                print(f"({result['layout']}, {result['task_seconds']:.1f} s, "
+                      f"{result['items_per_second']:.2f} items/s)")
             if args.json:
                 tmp = args.json + ".tmp"
                 with open(tmp, "w") as handle:
@@ -169,3 +180,6 @@ def main(args) -> int:
     finally:
         parallel.teardown()
     return 0
+
+
+validate = check_arguments  # what ``minitron run`` checks for each eval step up front

@@ -12,13 +12,16 @@ import os
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
 from megatron_minitron.commands.common import (
+    ModelLookup,
     add_data_arguments,
     check_data_arguments,
     checkpoint_config,
+    existing_model,
     fingerprint,
     load_samples,
 )
 from megatron_minitron.errors import UsageError
+from megatron_minitron.precision import add_precision_argument, params_dtype
 
 
 def add_arguments(parser, name):
@@ -36,18 +39,26 @@ def add_arguments(parser, name):
     parser.add_argument("--no-plot", dest="plot", action="store_false",
                         help="do not write the PNG summary next to SCORES")
     add_data_arguments(parser, num_samples=1024)
+    add_precision_argument(parser)
     add_layout_arguments(parser)
 
 
-def main(args) -> int:
+def validate(args, model_config: ModelLookup = existing_model):
+    """Every check before any model is built (``minitron run`` runs it for each step up
+    front); returns the ImportanceConfig."""
     from megatron_minitron.importance import ImportanceConfig
 
     icfg = ImportanceConfig(aggregation=args.aggregation, neuron_source=args.neuron_source,
                             depth=args.depth, depth_samples=args.depth_samples)
-    cfg = checkpoint_config(args.load)
-    check_data_arguments(args, cfg)
+    check_data_arguments(args, model_config(args.load))
     if os.path.isdir(args.output):
         raise UsageError(f"--output {args.output} is a directory; pass a file name")
+    return icfg
+
+
+def main(args) -> int:
+    cfg = checkpoint_config(args.load)
+    icfg = validate(args, lambda path: cfg)
     try:
         layout = parallel.initialize(args.tp, args.pp, args.seed)
         cfg.check_layout(layout.tp, layout.pp)
@@ -81,9 +92,10 @@ def compute_scores(load, samples, args, icfg, layout):
 
     batches = micro_batches(samples, args.micro_batch_size,
                             parallel_state.get_data_parallel_rank(), layout.dp)
-    model, cfg = load_checkpoint(load)
+    model, cfg = load_checkpoint(load, params_dtype(getattr(args, "precision", "auto")))
     source = args.data_prefix or ",".join(args.text_file)
     return estimate_importance(model, cfg, batches, icfg, meta={
         "checkpoint": os.path.abspath(load), "data_source": source,
         "data_fingerprint": fingerprint(samples), "seq_length": args.seq_length,
-        "seed": args.seed, "layout": str(layout)})
+        "seed": args.seed, "layout": str(layout),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", "")})

@@ -14,23 +14,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
 from megatron_minitron.commands.common import (
+    ModelLookup,
     add_data_arguments,
     add_output_format_argument,
     check_data_arguments,
+    existing_model,
     load_samples,
 )
 from megatron_minitron.errors import UsageError
+from megatron_minitron.precision import add_precision_argument
 
 logger = logging.getLogger("megatron_minitron")
 
 
 def add_arguments(parser, name):
     parser.add_argument("--load", required=True, help="source checkpoint directory")
-    parser.add_argument("--scores", required=True, help="SCORES file from `minitron importance`")
+    parser.add_argument("--scores", help="SCORES file from `minitron importance` (required "
+                        "unless --random-init)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="write the target architecture with freshly initialised weights "
+                             "(mcore's initialisation, --seed) instead of pruned ones: the "
+                             "from-scratch baseline a pruned student is compared with")
     parser.add_argument("--target", default="",
                         help="KEY=VALUE,... of num_layers, hidden_size, ffn_hidden_size, "
                              "num_attention_heads, num_query_groups")
@@ -53,6 +62,7 @@ def add_arguments(parser, name):
     iterative.add_argument("--iterations", type=int, default=1, help="pruning rounds (default 1)")
     iterative.add_argument("--aggregation", default="l2,mean", help="as in `minitron importance`")
     add_data_arguments(parser, num_samples=1024, required=False)
+    add_precision_argument(iterative)
     add_layout_arguments(parser)
 
 
@@ -65,16 +75,21 @@ def parse_drop_layers(text):
         raise UsageError(f"--drop-layers {text!r} must be comma-separated integers") from None
 
 
-def main(args) -> int:
-    import os
-
-    from megatron_minitron.checkpoint.io import load_config, read_checkpoint_info
-    from megatron_minitron.prune import describe_counts, parse_target
+def validate(args, model_config: ModelLookup = existing_model):
+    """Every check before any weight is read (``minitron run`` runs it for each step up
+    front); returns ``(target, drop_layers)``."""
+    from megatron_minitron.prune import parse_target
+    from megatron_minitron.prune.plan import target_config
 
     target = parse_target(args.target)
     drop = parse_drop_layers(args.drop_layers)
-    read_checkpoint_info(args.load)
-    source = load_config(args.load)
+    source = model_config(args.load)
+    if args.random_init and (drop is not None or args.iterations > 1):
+        raise UsageError("--random-init writes the --target architecture afresh; it takes "
+                         "no --drop-layers or --iterations")
+    if not args.random_init and args.scores is None:
+        raise UsageError("--scores is required (write it with `minitron importance`), unless "
+                         "--random-init")
     if args.iterations > 1:
         if drop is not None:
             raise UsageError("--iterations needs a --depth-metric, not --drop-layers")
@@ -82,6 +97,21 @@ def main(args) -> int:
             raise UsageError("--iterations > 1 re-estimates importance: pass --text-file or "
                              "--data-prefix and --seq-length")
         check_data_arguments(args, source)
+    if source is not None and drop is None:
+        target_config(source, target, args.target_tp, args.target_pp)
+    return target, drop
+
+
+def main(args) -> int:
+    from megatron_minitron.checkpoint.io import load_config, read_checkpoint_info
+    from megatron_minitron.prune import describe_counts
+
+    read_checkpoint_info(args.load)
+    source = load_config(args.load)
+    target, drop = validate(args, lambda path: source)
+    if args.random_init:
+        plan_target = _random_init(args, source, target)
+    elif args.iterations > 1:
         plan_target = _iterative(args, source, target)
     elif int(os.environ.get("RANK", "0")) != 0:  # streamed in one process; other ranks idle
         return 0
@@ -97,10 +127,28 @@ def main(args) -> int:
     if parallel.is_rank0():
         print(f"source: {describe_counts(source)}")
         print(f"pruned: {describe_counts(plan_target)}")
-        kept = read_checkpoint_info(args.output)["meta"].get("kept_layers")
-        print(f"kept layers (of the last round's source): {kept}")
+        meta = read_checkpoint_info(args.output)["meta"]
+        if meta.get("random_init"):
+            print(f"weights: freshly initialised (seed {args.seed})")
+        else:
+            print(f"kept layers (of the last round's source): {meta.get('kept_layers')}")
         print(f"wrote {args.output}")
     return 0
+
+
+def _random_init(args, source, target):
+    """The target architecture with mcore's initialisation (every rank; a collective save)."""
+    from megatron_minitron import adapter
+    from megatron_minitron.checkpoint.io import check_output_path, save_checkpoint
+    from megatron_minitron.prune.plan import target_config
+
+    cfg = target_config(source, target, args.target_tp, args.target_pp)
+    check_output_path(args.output)
+    with parallel.parallel_context(1, 1, seed=args.seed):
+        save_checkpoint(adapter.build_gpt_model(cfg), cfg, args.output, tokenizer_from=args.load,
+                        meta={"random_init": True, "seed": args.seed,
+                              "source": os.path.abspath(args.load)})
+    return cfg
 
 
 def _iterative(args, source, target):

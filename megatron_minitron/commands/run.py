@@ -26,6 +26,7 @@ from typing import Dict
 
 from megatron_minitron import progress
 from megatron_minitron.errors import UsageError
+from megatron_minitron.files import read_json
 from megatron_minitron.cost import format_cost, recipe_cost, write_cost
 from megatron_minitron.recipe import (
     Step,
@@ -58,6 +59,26 @@ def _say(line: str) -> None:
         progress.write(line)
 
 
+def validate_steps(recipe, steps) -> None:
+    """Runs every selected step's own checks (those its command runs before any heavy work)
+    before the first step starts, with the model configs earlier steps will make: a bad value
+    in the last step fails at once, not after an hour of earlier steps."""
+    from megatron_minitron import cli
+    from megatron_minitron.cost import planned_models
+
+    models = planned_models(recipe)
+    for step in steps:
+        if step_done(step):
+            continue
+        validate = getattr(cli._command_module(step.command), "validate", None)
+        if validate is None:
+            continue
+        try:
+            validate(parse_step(step), models.config)
+        except UsageError as err:
+            raise UsageError(f"step {step.name} (minitron {step.command}): {err}") from None
+
+
 def dry_run(recipe, steps) -> None:
     for step in steps:
         state = "skip (output exists)" if step_done(step) else "run"
@@ -74,13 +95,15 @@ def dry_run(recipe, steps) -> None:
 def run_step(step: Step) -> float:
     """Runs one stage in this process (every rank); returns its seconds."""
     from megatron_minitron import cli, parallel
+    from megatron_minitron.checkpoint.io import resolve_load_args
 
     args = parse_step(step)
     _say(f"== step {step.name}: {step.command_line()}")
     started = time.perf_counter()
     try:
+        resolve_load_args(args)
         code = cli._command_module(step.command).main(args)
-    except ValueError as err:  # UsageError and config checks: name the step
+    except UsageError as err:  # bad input: name the step (other errors keep their traceback)
         raise UsageError(f"step {step.name} (minitron {step.command}): {err}") from None
     if code:
         raise UsageError(f"step {step.name}: minitron {step.command} exited with {code}")
@@ -90,23 +113,35 @@ def run_step(step: Step) -> float:
     return seconds
 
 
+def recorded_seconds(recipe) -> Dict[str, float]:
+    """Step seconds of an earlier run of this recipe (``WORKDIR/cost.json``), for the steps a
+    re-run skips, so the reports keep every step's time."""
+    earlier = read_json(os.path.join(recipe.workdir, "cost.json")) or {}
+    return {row["name"]: row["seconds"] for row in earlier.get("steps", [])
+            if row.get("seconds") is not None and row.get("done")}
+
+
 def main(args) -> int:
     from megatron_minitron import parallel
 
     recipe = load_recipe(args.recipe)
     steps = select_steps(recipe, args.only, args.start)
+    validate_steps(recipe, steps)
     if args.dry_run:
         if _launch_rank0():
             dry_run(recipe, steps)
         return 0
     check_inputs(recipe, steps)
-    seconds: Dict[str, float] = {}
+    seconds = recorded_seconds(recipe)
     with parallel.held_process_group():
         if parallel.is_rank0():
             os.makedirs(recipe.workdir, exist_ok=True)
         parallel.barrier()
+        # Steps differ in cost by orders of magnitude: no ETA from their average (each stage's
+        # own bar estimates its own work).
         overall = progress.bar(total=len(steps), desc=f"recipe {recipe.name}", leave=True,
-                               unit="step")
+                               unit="step", bar_format="{desc}: {n_fmt}/{total_fmt} steps, "
+                               "{elapsed} elapsed")
         with progress.lines_above_bars(progress.enabled()):
             for index, step in enumerate(steps, 1):
                 overall.set_description(f"recipe {recipe.name} [{index}/{len(steps)} "

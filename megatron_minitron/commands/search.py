@@ -45,18 +45,33 @@ def add_arguments(parser, name):
                        help="refuse spaces with more candidates than this (default 16)")
     group.add_argument("--output", required=True, help="search directory (re-runs resume)")
     add_config_arguments(parser, skip=("student", "teacher", "output", "train_tokens", "resume",
-                                       "tp", "pp", "seed", "output_format"), group_title="retraining")
+                                       "tp", "pp", "seed", "output_format"),
+                          group_title="retraining", aliases={"precision": ("--dtype",)})
     add_layout_arguments(parser)
 
 
-def main(args) -> int:
-    from megatron_minitron.search import SearchSettings, parse_params, run_search
+def _settings(args):
+    from megatron_minitron.search import SearchSettings, parse_params
 
-    settings = SearchSettings(
+    return SearchSettings(
         load=args.load, scores=args.scores, params=parse_params(args.params), space=args.space,
         output=args.output, tolerance=args.tolerance, retrain_tokens=args.retrain_tokens,
         retrain=args.retrain, teacher=args.teacher, depth_metric=args.depth_metric,
         head_add_back=args.head_add_back, max_candidates=args.max_candidates)
+
+
+def validate(args, model_config=None) -> None:
+    """The checks that need no checkpoint (``minitron run`` runs them for each step up front)."""
+    from megatron_minitron.search.runner import check_settings
+
+    check_settings(_settings(args))
+    TrainConfig.from_args(args)
+
+
+def main(args) -> int:
+    from megatron_minitron.search import run_search
+
+    settings = _settings(args)
     train = TrainConfig.from_args(args)
     try:
         run_search(settings, train)  # rank 0 prints the ranking and the selected checkpoint

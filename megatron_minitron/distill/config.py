@@ -23,8 +23,10 @@ from typing import Any, Dict, List, Optional
 
 from megatron_minitron.distill.losses import INTERMEDIATE_LOSSES, LOGIT_LOSSES
 from megatron_minitron.errors import UsageError
+from megatron_minitron.precision import TRAIN_PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = TRAIN_PRECISIONS
+RECOMPUTE = ("selective", "full")
 
 
 @dataclass
@@ -109,6 +111,18 @@ class TrainConfig:
     tensorboard_dir: Optional[str] = None
     """TensorBoard folder (default OUTPUT/tensorboard when tensorboard is installed; 'none'
     disables)."""
+    sequence_parallel: bool = False
+    """Split the sequence over the tensor parallel ranks outside attention and MLP (mcore's
+    sequence_parallel); needs Transformer Engine, --tp > 1 and no --intermediate."""
+    recompute_activations: Optional[str] = field(default=None, metadata={"choices": RECOMPUTE})
+    """Recompute activations in backward to save GPU memory: selective (the attention core) or
+    full (every layer; mcore's recompute_granularity, uniform method, one layer per unit)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data parallel gradient reduction with backward (mcore DDP's
+    overlap_grad_reduce)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward (mcore's
+    overlap_param_gather); the distributed optimizer runs when data parallel size > 1."""
     tp: int = 1
     """Tensor parallel size, shared by teacher and student."""
     pp: int = 1
@@ -139,6 +153,40 @@ class TrainConfig:
             raise UsageError(f"--lr {self.lr} must be > 0 and >= --min-lr {self.min_lr}")
         if not self.temperature > 0:
             raise UsageError(f"--temperature {self.temperature} must be > 0")
+        if self.recompute_activations not in (None,) + RECOMPUTE:
+            raise UsageError(f"--recompute-activations {self.recompute_activations}: choose one "
+                             f"of {', '.join(RECOMPUTE)}")
+        self.check_gpu_features()
+
+    def check_gpu_features(self) -> None:
+        """Refuses, in one line, the GPU features this machine or layout cannot run."""
+        from megatron_minitron.compat.cpu import cpu_mode
+
+        needs = {
+            "sequence_parallel": "Transformer Engine (a CUDA machine with the NGC image)",
+            "recompute_activations": "a CUDA machine (it trades GPU compute for GPU memory)",
+            "overlap_grad_reduce": "CUDA streams and NCCL (a CUDA machine)",
+            "overlap_param_gather": "CUDA streams, NCCL and the distributed optimizer (a CUDA "
+                                    "machine, data parallel size > 1)",
+        }
+        asked = [name for name in needs if getattr(self, name)]
+        if asked and cpu_mode():
+            name = asked[0]
+            value = getattr(self, name)
+            shown = f"--{_flag(name)}" + ("" if value is True else f" {value}")
+            raise UsageError(f"{shown} needs {needs[name]}; this machine has no CUDA")
+        if self.sequence_parallel:
+            if self.tp < 2:
+                raise UsageError(f"--sequence-parallel splits the sequence over tensor parallel "
+                                 f"ranks: it needs --tp > 1 (got {self.tp})")
+            if self.intermediate:
+                raise UsageError("--sequence-parallel with --intermediate is not supported (the "
+                                 "layer outputs are split over the sequence); drop one of them")
+            from megatron_minitron import adapter
+
+            if not adapter.te_available():
+                raise UsageError("--sequence-parallel needs Transformer Engine (the NGC image); "
+                                 "it does not import on this machine")
 
     # ------------------------------------------------------------------ derived
 
@@ -253,9 +301,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip=(), aliases=None,
         kind, is_list = _argument_type(hints[item.name])
         default = item.default
         help_text = docs.get(item.name, "")
+        flags = [f"--{_flag(item.name)}"] + list(aliases.get(item.name, ()))
+        if kind is bool:  # --x / --no-x; absent leaves the YAML or default value
+            group.add_argument(*flags, dest=item.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text.replace("%", "%%"))
+            continue
         if default not in (None, dataclasses.MISSING):
             help_text += f" (default {default})"
-        flags = [f"--{_flag(item.name)}"] + list(aliases.get(item.name, ()))
         group.add_argument(*flags, dest=item.name, type=kind, nargs="+" if is_list else None,
                            default=None, choices=item.metadata.get("choices"),
                            help=help_text.replace("%", "%%"))
@@ -284,3 +336,52 @@ def load_yaml(path: str) -> Dict[str, Any]:
         if isinstance(values.get(key), str):
             values[key] = values[key].split()
     return values
+
+
+def check_run(config: TrainConfig, world_size: int) -> None:
+    """Every check of a run that needs no checkpoint: required flags, the layout, batch
+    arithmetic, the schedule and the data paths. The trainer runs it first; ``minitron run``
+    runs it for every step of a recipe before the first step starts (and in ``--dry-run``)."""
+    from megatron_minitron import parallel
+
+    config.check_required()
+    parallel.check_layout(config.tp, config.pp, world_size)
+    dp = world_size // (config.tp * config.pp)
+    if config.overlap_param_gather and dp == 1:
+        raise UsageError("--overlap-param-gather overlaps the distributed optimizer's "
+                         "all-gather, which runs at data parallel size > 1; this run has "
+                         "DP=1: drop the flag or use more ranks")
+    group = config.micro_batch_size * dp
+    if config.global_batch_size % group:
+        raise UsageError(
+            f"--global-batch-size {config.global_batch_size} is not divisible by "
+            f"--micro-batch-size {config.micro_batch_size} × data parallel size {dp}; use "
+            f"a multiple of {group}")
+    if config.train_tokens < config.global_batch_size * config.seq_length:
+        raise UsageError(f"--train-tokens {config.train_tokens} is less than one step "
+                         f"(global batch × seq length = "
+                         f"{config.global_batch_size * config.seq_length})")
+    if config.lr_warmup_steps >= config.train_steps():
+        raise UsageError(f"--lr-warmup-steps {config.lr_warmup_steps} must be below the "
+                         f"{config.train_steps()} training steps")
+    if config.text_file:
+        from megatron_minitron.data.text import input_files
+
+        files = input_files(config.text_file)  # raises for missing paths
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise UsageError(f"--text-file {' '.join(config.text_file)} is empty: no data "
+                             "to train on")
+    if config.data_prefix:
+        prefixes = [p for p in config.data_prefix if not _is_number(p)]
+        for prefix in prefixes:
+            if not os.path.isfile(prefix + ".idx"):
+                raise UsageError(f"--data-prefix {prefix} has no .idx/.bin files; build them "
+                                 "with `minitron preprocess-data`")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

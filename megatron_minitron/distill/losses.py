@@ -34,13 +34,18 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
+
+from megatron_minitron import parallel
+from megatron_minitron.errors import UsageError
 
 LOGIT_LOSSES = ("kl", "rkl", "mse", "cosine", "topk_kl")
 INTERMEDIATE_LOSSES = ("cosine", "mse")
 _AUTO_CHUNKS = 32  # chunk temporaries stay well under a quarter of one logits tensor
 _MIN_CHUNK_ELEMENTS = 1 << 16  # below this, more chunks only add per-op overhead
-_MAX_CHUNK_ELEMENTS = 1 << 20  # larger chunks gain nothing (and fall out of cache)
+_CPU_CHUNK_ELEMENTS = 1 << 20  # on a CPU larger chunks gain nothing (and fall out of cache)
+_DEVICE_CHUNK_ELEMENTS = 1 << 28  # on a GPU: a few dozen chunks per micro-batch, not hundreds
+_CHUNK_TEMPORARIES = 6  # fp32 chunk-sized temporaries of the KL terms (upcasts, exps, diff)
+_CHUNK_MEMORY_SHARE = 8  # a chunk's temporaries take at most 1/8 of the device's free memory
 
 
 @dataclass(frozen=True)
@@ -58,20 +63,21 @@ class LogitLossSpec:
     topk: int = 64
     """Teacher logits kept by ``topk_kl``."""
     chunk_tokens: Optional[int] = None
-    """Sequence positions per chunk; None picks about 1/32 of the logits, at most 2^20 values."""
+    """Sequence positions per chunk; None picks about 1/32 of the logits, at most
+    :func:`loss_chunk_elements` values (2^20 on a CPU)."""
 
     def __post_init__(self):
         if self.kind not in LOGIT_LOSSES:
-            raise ValueError(f"loss {self.kind!r} is unknown; choose one of {LOGIT_LOSSES}")
+            raise UsageError(f"loss {self.kind!r} is unknown; choose one of {LOGIT_LOSSES}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0")
+            raise UsageError(f"temperature={self.temperature} must be > 0")
         if self.kd_weight < 0 or self.ce_weight < 0 or self.kd_weight + self.ce_weight == 0:
-            raise ValueError(f"kd_weight={self.kd_weight} and ce_weight={self.ce_weight} must be "
+            raise UsageError(f"kd_weight={self.kd_weight} and ce_weight={self.ce_weight} must be "
                              ">= 0 and not both 0")
         if self.topk < 1:
-            raise ValueError(f"topk={self.topk} must be >= 1")
+            raise UsageError(f"topk={self.topk} must be >= 1")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens={self.chunk_tokens} must be >= 1")
+            raise UsageError(f"chunk_tokens={self.chunk_tokens} must be >= 1")
 
 
 class LogitLossResult(NamedTuple):
@@ -86,31 +92,43 @@ class LogitLossResult(NamedTuple):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _group_size(group) -> int:
-    if not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
-
-
-def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if _group_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
+def _all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
+    return parallel.all_reduce(tensor, group=group)
 
 
 def _vocab_start(local_vocab: int, group) -> int:
-    rank = dist.get_rank(group) if _group_size(group) > 1 else 0
-    return rank * local_vocab
+    return parallel.group_rank(group) * local_vocab
+
+
+def loss_chunk_elements(device, free_bytes: Optional[int] = None) -> int:
+    """Most logits elements one chunk of the loss holds on ``device`` (a device or its type).
+
+    CPU: 2^20, so a chunk's temporaries stay in cache. CUDA (or another accelerator): up to
+    2^28, so that a micro-batch at a Llama-3 vocabulary takes a few dozen chunks (each costs
+    some kernel launches and one TP all-gather) rather than 512; the chunk's fp32 temporaries
+    stay within 1/8 of ``free_bytes`` (the device's free memory, read from
+    ``torch.cuda.mem_get_info`` when None), and never below the CPU size.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _CPU_CHUNK_ELEMENTS
+    if free_bytes is None and device.type == "cuda":
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    if free_bytes is None:
+        return _DEVICE_CHUNK_ELEMENTS
+    by_memory = free_bytes // (_CHUNK_MEMORY_SHARE * _CHUNK_TEMPORARIES * 4)
+    return int(min(_DEVICE_CHUNK_ELEMENTS, max(_CPU_CHUNK_ELEMENTS, by_memory)))
 
 
 def _chunk_rows(logits: torch.Tensor, spec: LogitLossSpec) -> int:
     """Sequence positions per chunk: the spec's, else about 1/32 of the logits, at most
-    ``_MAX_CHUNK_ELEMENTS`` (the chunk's temporaries stay in cache) and at least one row."""
+    :func:`loss_chunk_elements` for the logits' device and at least one row."""
     rows = logits.shape[0]
     if spec.chunk_tokens is not None:
         return min(rows, spec.chunk_tokens)
-    per_row = max(1, logits[0].numel())
-    budget = min(max(logits.numel() // _AUTO_CHUNKS, _MIN_CHUNK_ELEMENTS), _MAX_CHUNK_ELEMENTS)
+    per_row = max(1, math.prod(logits.shape[1:]))
+    budget = min(max(logits.numel() // _AUTO_CHUNKS, _MIN_CHUNK_ELEMENTS),
+                 loss_chunk_elements(logits.device))
     return max(1, min(rows, budget // per_row))
 
 
@@ -178,13 +196,11 @@ def _combine_ranks(local_max: torch.Tensor, local_sums: torch.Tensor, owners, gr
     the sums rescaled to them [n, c, b] and this rank's rescale factors ``exp(local - global
     max)`` [m, c, b], which turn its local exponentials into global ones.
     """
-    size = _group_size(group)
+    size = parallel.group_size(group)
     stats = torch.cat([local_max, local_sums])  # [m + n, c, b]
     if size == 1:
         return local_max, local_sums, torch.ones_like(local_max)
-    gathered = torch.empty((size * stats.shape[0],) + tuple(stats.shape[1:]), dtype=stats.dtype,
-                           device=stats.device)
-    dist.all_gather_into_tensor(gathered, stats.contiguous(), group=group)
+    gathered = parallel.all_gather_into_tensor(stats, group)  # [tp * (m + n), c, b]
     gathered = gathered.view((size,) + tuple(stats.shape))  # [tp, m + n, c, b]
     maxima = gathered[:, :local_max.shape[0]]  # [tp, m, c, b]
     global_max = maxima.amax(dim=0)
@@ -193,7 +209,7 @@ def _combine_ranks(local_max: torch.Tensor, local_sums: torch.Tensor, owners, gr
     for index, owner in enumerate(owners):
         parts = gathered[:, local_max.shape[0] + index]  # [tp, c, b]
         sums.append((parts * rescale[:, owner]).sum(0) if owner >= 0 else parts.sum(0))
-    mine = rescale[dist.get_rank(group)]
+    mine = rescale[parallel.group_rank(group)]
     return global_max, torch.stack(sums), mine
 
 
@@ -243,7 +259,7 @@ def _kl(chunk: _Chunk, group, reverse: bool, ce_share: float):
 
 def _mse(chunk: _Chunk, group):
     diff = torch.sub(chunk.s, chunk.t)
-    vocab = diff.shape[-1] * _group_size(group)
+    vocab = diff.shape[-1] * parallel.group_size(group)
     loss = _all_reduce(_vecdot(diff, diff), group) / vocab
     if chunk.out is not None:
         chunk.emit(diff, torch.full_like(loss, 2.0 * chunk.spec.kd_weight / vocab))
@@ -269,13 +285,10 @@ def _topk_kl(chunk: _Chunk, group):
     local_vocab = t.shape[-1]
     values, index = torch.topk(t, min(spec.topk, local_vocab), dim=-1, sorted=False)
     index = index + chunk.vocab_start  # [c, b, k_local] global ids
-    size = _group_size(group)
+    size = parallel.group_size(group)
     if size > 1:
-        value_parts = [torch.empty_like(values) for _ in range(size)]
-        index_parts = [torch.empty_like(index) for _ in range(size)]
-        dist.all_gather(value_parts, values.contiguous(), group=group)
-        dist.all_gather(index_parts, index.contiguous(), group=group)
-        values, index = torch.cat(value_parts, -1), torch.cat(index_parts, -1)
+        values = torch.cat(parallel.all_gather(values, group), -1)
+        index = torch.cat(parallel.all_gather(index, group), -1)
     # candidates in vocab order, so that ties resolve the same way at every TP size
     order = torch.argsort(index, dim=-1)
     values, index = values.gather(-1, order), index.gather(-1, order)
@@ -384,7 +397,9 @@ class _FusedLogitsLoss(torch.autograd.Function):
         ctx.grad_buffer = None
         if grad_total is None:
             return None, None, None, None, None, None, None
-        if not bool(grad_total == 1):
+        # On an accelerator, scale always: reading grad_total on the host would stall the
+        # device queue (a host sync per micro-batch); on the CPU the check is free.
+        if grad_total.device.type != "cpu" or not bool(grad_total == 1):
             grad.mul_(grad_total.to(grad.dtype))
         return grad, None, None, None, None, None, None
 
@@ -409,7 +424,7 @@ def logits_loss(student: torch.Tensor, teacher: Optional[torch.Tensor], labels: 
         (always reported, detached) and the number of unmasked tokens.
     """
     if teacher is not None and teacher.shape != student.shape:
-        raise ValueError(f"teacher logits {list(teacher.shape)} and student logits "
+        raise UsageError(f"teacher logits {list(teacher.shape)} and student logits "
                          f"{list(student.shape)} differ; teacher and student need the same "
                          "vocabulary and tensor parallel size")
     if labels.shape != student.shape[:-1]:
@@ -466,7 +481,7 @@ def _reference_kd(s, t, spec, temp):
 
 def _gather_vocab(logits: torch.Tensor, group) -> torch.Tensor:
     """Differentiable all-gather over the vocab dimension."""
-    if _group_size(group) == 1:
+    if parallel.group_size(group) == 1:
         return logits
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
@@ -491,7 +506,7 @@ def intermediate_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor
                                                            dim=-1, eps=1e-8)
     if kind == "mse":
         return ((student_hidden - teacher_hidden) ** 2).mean(-1)
-    raise ValueError(f"intermediate loss {kind!r} is unknown; choose one of "
+    raise UsageError(f"intermediate loss {kind!r} is unknown; choose one of "
                      f"{INTERMEDIATE_LOSSES}")
 
 

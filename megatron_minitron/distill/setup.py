@@ -3,6 +3,7 @@ schedule, data; and the training checkpoints that restore all of it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -12,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from megatron_minitron import parallel
-from megatron_minitron.compat.cpu import cpu_mode, cuda_to_cpu
+from megatron_minitron.compat.cpu import cuda_to_cpu
 from megatron_minitron.distill import state
 from megatron_minitron.errors import UsageError
 
@@ -36,9 +37,23 @@ class RunState:
 
 def dtypes(precision: str):
     """(student params dtype, teacher dtype) for ``--precision``."""
-    if precision == "fp32" or (precision == "auto" and cpu_mode()):
-        return torch.float32, torch.float32
-    return torch.bfloat16, torch.bfloat16
+    from megatron_minitron.precision import params_dtype
+
+    dtype = params_dtype(precision)
+    return dtype, dtype
+
+
+def gpu_features(config, cfg, params_dtype, training: bool, dp: int):
+    """(TransformerConfig overrides, DDP config overrides) of ``config``'s GPU features for a
+    model of architecture ``cfg``; the teacher (``training=False``) shares the sequence
+    parallelism (its hidden states travel beside the student's) but recomputes nothing."""
+    from megatron_minitron.precision import gpu_fields
+
+    return gpu_fields(cfg, params_dtype, training, dp,
+                      sequence_parallel=config.sequence_parallel,
+                      recompute=config.recompute_activations if training else None,
+                      overlap_grad_reduce=config.overlap_grad_reduce,
+                      overlap_param_gather=config.overlap_param_gather)
 
 
 def _load_tokenizer(trainer):
@@ -94,7 +109,6 @@ def _data(trainer, tokenizer, dp_rank: int, dp: int, start_step: int):
 
 def _optimizer(trainer, ddp_model, student_dtype, dp: int):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     config = trainer.config
     opt_config = OptimizerConfig(
@@ -105,19 +119,32 @@ def _optimizer(trainer, ddp_model, student_dtype, dp: int):
         use_distributed_optimizer=dp > 1)
     with cuda_to_cpu():
         optimizer = get_megatron_optimizer(opt_config, [ddp_model])
+    return optimizer, lr_scheduler(optimizer, config)
+
+
+def lr_scheduler(optimizer, config):
+    """mcore's scheduler: linear warm-up over ``lr_warmup_steps``, then cosine to ``min_lr``.
+
+    The warm-up starts one step in (``lr·1/(W+1)``, …, ``lr`` at step W) so the first step
+    learns too; mcore's own ramp from ``init_lr=0`` would spend it at learning rate 0.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
     steps = config.train_steps()
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=config.lr, min_lr=config.min_lr,
-        lr_warmup_steps=config.lr_warmup_steps, lr_decay_steps=steps, lr_decay_style="cosine",
+    warmup = config.lr_warmup_steps
+    return OptimizerParamScheduler(
+        optimizer, init_lr=config.lr / (warmup + 1), max_lr=config.lr, min_lr=config.min_lr,
+        lr_warmup_steps=warmup, lr_decay_steps=steps, lr_decay_style="cosine",
         start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=steps,
         wd_incr_style="constant")
-    return optimizer, scheduler
 
 
 def wrap_for_training(student, teacher, student_cfg, teacher_cfg, pairs=(),
-                      intermediate_kind: str = "cosine", seed: int = 1234):
+                      intermediate_kind: str = "cosine", seed: int = 1234,
+                      ddp_overrides: Optional[dict] = None):
     """The co-located :class:`DistillationModel` of two stages, wrapped in mcore's DDP (the
-    distributed optimizer's buffer layout when DP > 1); returns ``(model, ddp_model)``."""
+    distributed optimizer's buffer layout when DP > 1); returns ``(model, ddp_model)``.
+    ``ddp_overrides``: DistributedDataParallelConfig fields (the overlap flags)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -130,13 +157,34 @@ def wrap_for_training(student, teacher, student_cfg, teacher_cfg, pairs=(),
     model = DistillationModel(student, teacher, student_cfg, teacher_cfg, pairs,
                               intermediate_kind, seed)
     model.config.finalize_model_grads_func = finalize_model_grads
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-        use_distributed_optimizer=parallel_state.get_data_parallel_world_size() > 1)
+    fields = dict(overlap_grad_reduce=False,
+                  use_distributed_optimizer=parallel_state.get_data_parallel_world_size() > 1)
+    fields.update(ddp_overrides or {})
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, **fields)
     with cuda_to_cpu():
         ddp_model = DistributedDataParallel(model.config, ddp_config, model)
     model.config.no_sync_func = ddp_model.no_sync
+    if ddp_config.overlap_grad_reduce:  # as Megatron-LM: reductions start as buckets fill
+        model.config.grad_sync_func = ddp_model.start_grad_sync
+    if ddp_config.overlap_param_gather:
+        model.config.param_sync_func = ddp_model.start_param_sync
     return model, ddp_model
+
+
+@contextlib.contextmanager
+def params_synced(ddp_model):
+    """Parameters up to date for evaluation or saving. With ``--overlap-param-gather`` the
+    distributed optimizer's updated parameters arrive during the next forward (DDP's forward
+    pre-hooks); as Megatron-LM does, the hooks are switched off (which gathers now) and back
+    on afterwards."""
+    if not ddp_model.ddp_config.overlap_param_gather:
+        yield
+        return
+    ddp_model.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        ddp_model.enable_forward_pre_hook()
 
 
 def build_run(trainer) -> RunState:
@@ -159,15 +207,21 @@ def build_run(trainer) -> RunState:
         trainer, tokenizer, parallel_state.get_data_parallel_rank(), layout.dp, start_step)
     student_dtype, teacher_dtype = dtypes(config.precision)
     resume_dir = state.iteration_dir(config.output, start_step) if start_step else None
-    student = adapter.build_gpt_model(trainer.student_cfg, params_dtype=student_dtype)
+    student_fields, ddp_fields = gpu_features(config, trainer.student_cfg, student_dtype, True,
+                                              layout.dp)
+    student = adapter.build_gpt_model(trainer.student_cfg, params_dtype=student_dtype,
+                                      init_weights=False, **student_fields)
     load_weights(student, resume_dir or config.student)
     teacher = None
     if config.distilling:
-        teacher = adapter.build_gpt_model(trainer.teacher_cfg, params_dtype=teacher_dtype)
+        teacher_fields, _ = gpu_features(config, trainer.teacher_cfg, teacher_dtype, False,
+                                         layout.dp)
+        teacher = adapter.build_gpt_model(trainer.teacher_cfg, params_dtype=teacher_dtype,
+                                          init_weights=False, **teacher_fields)
         load_weights(teacher, config.teacher)
     model, ddp_model = wrap_for_training(student, teacher, trainer.student_cfg,
                                          trainer.teacher_cfg, trainer.pairs,
-                                         config.intermediate_loss, config.seed)
+                                         config.intermediate_loss, config.seed, ddp_fields)
     optimizer, scheduler = _optimizer(trainer, ddp_model, student_dtype, layout.dp)
     if resume_dir:
         _restore(trainer, model, ddp_model, optimizer, scheduler, resume_dir, start_step)

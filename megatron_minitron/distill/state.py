@@ -24,7 +24,6 @@ import shutil
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_minitron import adapter, parallel
 from megatron_minitron.checkpoint.io import is_checkpoint, load_extra_state, load_sharded
@@ -186,17 +185,16 @@ def _full_optimizer_states(optimizer, params: List[torch.nn.Parameter]):
                 flat[offset + start:offset + end] = tensors[name].detach().reshape(-1).float()
             offset += param.numel()
         if distributed:
-            dist.all_reduce(flat, group=adapter.get_dp_group())
+            parallel.all_reduce(flat, group=adapter.get_dp_group())
         full[name] = list(torch.split(flat, [p.numel() for p in params]))
     return names, full, max(step, _max_over_world(step))
 
 
 def _max_over_world(value: int) -> int:
-    if not dist.is_initialized():
+    if parallel.world_size() == 1:
         return value
     box = torch.tensor([value], dtype=torch.int64, device=parallel.device())
-    dist.all_reduce(box, op=dist.ReduceOp.MAX)
-    return int(box.item())
+    return int(parallel.all_reduce(box, "max").item())
 
 
 def _params(ddp_model) -> List[torch.nn.Parameter]:

@@ -23,13 +23,12 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 
 from megatron_minitron import parallel
 from megatron_minitron.checkpoint.io import read_checkpoint_info
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.distill import state
-from megatron_minitron.distill.config import TrainConfig
+from megatron_minitron.distill.config import TrainConfig, check_run
 from megatron_minitron.distill.losses import LogitLossSpec, logits_loss
 from megatron_minitron.distill.model import LayerPair, check_pairs, parse_pairs
 from megatron_minitron.errors import UsageError
@@ -105,9 +104,7 @@ class Trainer:
 
     def _check_inputs(self) -> None:
         config, student, teacher = self.config, self.student_cfg, self.teacher_cfg
-        world = parallel.world_size_from_env()
-        parallel.check_layout(config.tp, config.pp, world)
-        dp = world // (config.tp * config.pp)
+        check_run(config, parallel.world_size_from_env())
         for name, cfg in (("student", student), ("teacher", teacher)):
             if cfg is None:
                 continue
@@ -125,32 +122,6 @@ class Trainer:
         if teacher is not None:
             check_tokenizers(config)
             check_pairs(self.pairs, teacher, student, config.pp)
-        group = config.micro_batch_size * dp
-        if config.global_batch_size % group:
-            raise UsageError(
-                f"--global-batch-size {config.global_batch_size} is not divisible by "
-                f"--micro-batch-size {config.micro_batch_size} × data parallel size {dp}; use "
-                f"a multiple of {group}")
-        if config.train_tokens < config.global_batch_size * config.seq_length:
-            raise UsageError(f"--train-tokens {config.train_tokens} is less than one step "
-                             f"(global batch × seq length = "
-                             f"{config.global_batch_size * config.seq_length})")
-        if config.lr_warmup_steps >= config.train_steps():
-            raise UsageError(f"--lr-warmup-steps {config.lr_warmup_steps} must be below the "
-                             f"{config.train_steps()} training steps")
-        if config.text_file:
-            from megatron_minitron.data.text import input_files
-
-            files = input_files(config.text_file)  # raises for missing paths
-            if all(os.path.getsize(f) == 0 for f in files):
-                raise UsageError(f"--text-file {' '.join(config.text_file)} is empty: no data "
-                                 "to train on")
-        if config.data_prefix:
-            prefixes = [p for p in config.data_prefix if not _is_number(p)]
-            for prefix in prefixes:
-                if not os.path.isfile(prefix + ".idx"):
-                    raise UsageError(f"--data-prefix {prefix} has no .idx/.bin files; build them "
-                                     "with `minitron preprocess-data`")
         if _tokenizer_source(config) is None and (config.text_file or config.data_prefix):
             raise UsageError("no tokenizer: the checkpoints carry none; pass --tokenizer")
 
@@ -188,9 +159,12 @@ class Trainer:
         run = self.run_state
         if run.valid_batches is None:
             return None
+        from megatron_minitron.distill.setup import params_synced
+
         run.ddp_model.eval()
         try:
-            sums = self.run_schedule(run.valid_batches, forward_only=True)
+            with params_synced(run.ddp_model):
+                sums = self.run_schedule(run.valid_batches, forward_only=True)
         finally:
             run.ddp_model.train()
         return _means(sums)
@@ -240,19 +214,22 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, step: int) -> None:
-        from megatron_minitron.distill.setup import save_training_checkpoint
+        from megatron_minitron.distill.setup import params_synced, save_training_checkpoint
 
-        save_training_checkpoint(self, step)
+        with params_synced(self.run_state.ddp_model):
+            save_training_checkpoint(self, step)
 
     def save_final(self, step: int) -> None:
         from megatron_minitron.checkpoint import io, megatron_lm
+        from megatron_minitron.distill.setup import params_synced
 
         run = self.run_state
         meta = dict(self._meta(step), role="final")
         save_checkpoint = megatron_lm.save_checkpoint if self.config.output_format == "megatron" \
             else io.save_checkpoint
-        save_checkpoint(run.student, self.student_cfg, self.final_dir(), meta=meta,
-                        tokenizer_from=_tokenizer_source(self.config))
+        with params_synced(run.ddp_model):
+            save_checkpoint(run.student, self.student_cfg, self.final_dir(), meta=meta,
+                            tokenizer_from=_tokenizer_source(self.config))
         parallel.log_rank0(f"trained model written to {self.final_dir()}")
 
     def _meta(self, step: int) -> Dict:
@@ -296,7 +273,9 @@ def _loss(loss_spec: LogitLossSpec, labels, mask, output):
     intermediate = torch.zeros((), dtype=torch.float64, device=total.device)
     if output.intermediate is not None:
         intermediate = (output.intermediate.double() * mask.double()).sum()
-        alpha = (result.kd / intermediate).detach() if intermediate > 0 else 0.0
+        held = intermediate.detach()
+        positive = held > 0  # decided on the device: no host sync per micro-batch
+        alpha = torch.where(positive, result.kd / torch.where(positive, held, 1.0), 0.0)
         total = total + alpha * intermediate
     report = torch.stack([total.detach(), result.kd, result.ce, intermediate.detach(),
                           result.tokens])
@@ -322,20 +301,11 @@ def run_schedule(ddp_model, loss_spec: LogitLossSpec, batches, forward_only: boo
     sums = torch.zeros(len(REPORT_FIELDS), dtype=torch.float64, device=parallel.device())
     if adapter.is_last_stage():
         sums = torch.stack([o["sums"] for o in outputs]).sum(0)
-    if dist.is_initialized():
-        dist.all_reduce(sums, group=adapter.get_dp_group())
-        pp_group = adapter.get_pp_group()
-        last = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
-        dist.broadcast(sums, src=last, group=pp_group)
+    parallel.all_reduce(sums, group=adapter.get_dp_group())
+    pp_group = adapter.get_pp_group()
+    last = parallel.global_rank(pp_group, parallel.group_size(pp_group) - 1)
+    parallel.broadcast(sums, src=last, group=pp_group)
     return sums
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _means(sums: torch.Tensor) -> Dict[str, float]:

@@ -41,19 +41,21 @@ class CheckpointLM:
 
     @classmethod
     def from_checkpoint(cls, load: str, tp: int = 1, pp: int = 1, micro_batch_size: int = 8,
-                        seed: int = 1234) -> "CheckpointLM":
+                        seed: int = 1234, precision: str = "auto") -> "CheckpointLM":
         """Initialises the process groups (torchrun's world, or one process) and loads ``load``
-        with its tokenizer at TP=``tp``, PP=``pp``; DP is the rest of the world."""
+        with its tokenizer at TP=``tp``, PP=``pp`` in ``precision`` (as ``--precision``); DP is
+        the rest of the world."""
         from megatron_minitron import parallel
         from megatron_minitron.checkpoint.io import load_checkpoint, load_config
         from megatron_minitron.data import check_tokenizer_fits, load_tokenizer
+        from megatron_minitron.precision import params_dtype
 
         cfg = load_config(load)
         layout = parallel.initialize(int(tp), int(pp), int(seed))
         cfg.check_layout(layout.tp, layout.pp)
         tokenizer = load_tokenizer(load)
         check_tokenizer_fits(tokenizer, cfg.vocab_size)
-        model, _ = load_checkpoint(load)
+        model, _ = load_checkpoint(load, params_dtype(precision))
         return cls(model, tokenizer, cfg.max_position_embeddings, micro_batch_size)
 
     def _score(self, token_requests) -> List[Tuple[float, bool]]:

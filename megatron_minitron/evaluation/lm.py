@@ -6,9 +6,8 @@ import math
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 
-from megatron_minitron import adapter, progress
+from megatron_minitron import adapter, parallel, progress
 from megatron_minitron.model.forward import broadcast_from_last_stage, pipeline_forward
 
 RUN_LENGTH = 8  # micro-batches per pipeline call per stage when pipelined (the bar moves between)
@@ -27,7 +26,7 @@ def lm_loss(model, micro_batches: List[Dict[str, torch.Tensor]]) -> Dict[str, fl
         mask = torch.ones_like(token_loss) if mask is None else mask.to(token_loss.dtype)
         return {"sum": (token_loss.double() * mask.double()).sum(), "count": mask.double().sum()}
 
-    pp = dist.get_world_size(adapter.get_pp_group()) if dist.is_initialized() else 1
+    pp = parallel.group_size(adapter.get_pp_group())
     run = 1 if pp == 1 else RUN_LENGTH * pp
     outputs = [] if adapter.is_last_stage() else None
     with progress.bar(total=len(micro_batches), desc="lm loss", unit="batch") as bar:
@@ -40,8 +39,7 @@ def lm_loss(model, micro_batches: List[Dict[str, torch.Tensor]]) -> Dict[str, fl
     totals = None
     if outputs is not None:
         totals = torch.stack([torch.stack([o["sum"], o["count"]]) for o in outputs]).sum(0)
-        if dist.is_initialized():
-            dist.all_reduce(totals, group=adapter.get_dp_group())
+        parallel.all_reduce(totals, group=adapter.get_dp_group())
         totals = totals.tolist()
     total_loss, count = broadcast_from_last_stage(totals)
     mean = total_loss / max(count, 1.0)

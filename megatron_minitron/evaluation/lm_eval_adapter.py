@@ -47,14 +47,17 @@ class MinitronLM(CheckpointLM, LM):
         pp: pipeline parallel size.
         batch_size: requests per forward (lm-eval's ``--batch_size``; ``auto`` means 8).
         seed: random seed of the process groups.
+        precision: weight dtype, as ``minitron eval --precision`` (auto: bf16 on GPU, fp32 on
+            CPU).
     """
 
     def __init__(self, load: str, tp: int = 1, pp: int = 1, batch_size=8, seed: int = 1234,
-                 **_):
+                 precision: str = "auto", **_):
         LM.__init__(self)
         size = int(batch_size) if str(batch_size).isdigit() else 8
         loaded = CheckpointLM.from_checkpoint(load, tp=int(tp), pp=int(pp),
-                                              micro_batch_size=size, seed=int(seed))
+                                              micro_batch_size=size, seed=int(seed),
+                                              precision=str(precision))
         CheckpointLM.__init__(self, loaded.model, loaded.tokenizer, loaded.max_length, size)
 
     def loglikelihood(self, requests, **kwargs):

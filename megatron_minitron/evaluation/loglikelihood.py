@@ -5,8 +5,10 @@ A request is a pair of token lists ``(context, continuation)``. Its score is the
 continuation token is the model's greedy (arg-max) choice — lm-eval-harness's
 ``(logprob, is_greedy)``.
 
-Batching: requests are sorted by length (longest first) and cut into micro-batches of
-``micro_batch_size`` consecutive requests, each right-padded to a multiple of ``bucket`` tokens.
+Batching: requests that share a context share one sequence row (the context once, then each
+continuation in its own segment; :func:`plan_rows`) where the model takes an explicit attention
+mask. Rows are sorted by length (longest first) and cut into micro-batches of
+``micro_batch_size`` consecutive rows, each right-padded to a multiple of ``bucket`` tokens.
 Micro-batches, not requests, are dealt to data parallel ranks (micro-batch ``i`` to rank
 ``i % dp``), so every request is computed in the same micro-batch with the same shape at any DP
 size, and the gathered scores are bit-identical to a single-rank run. Consecutive micro-batches
@@ -16,12 +18,12 @@ of one shape go through one pipeline call.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 
-from megatron_minitron import adapter, progress
+from megatron_minitron import adapter, parallel, progress
+from megatron_minitron.errors import UsageError
 from megatron_minitron.model.forward import broadcast_from_last_stage, pipeline_forward
 from megatron_minitron.parallel import log_rank0
 
@@ -69,91 +71,176 @@ def encode_pairs(tokenizer, pairs: Sequence[Tuple[str, str]], prefix_id: int
     return encoded
 
 
-def plan_micro_batches(requests: Sequence[Request], micro_batch_size: int,
-                       max_length: int) -> List[List[int]]:
-    """Request indices per micro-batch: longest first, ties in input order (deterministic)."""
-    lengths = [min(len(c) + len(d) - 1, max_length) for c, d in requests]
-    order = sorted(range(len(requests)), key=lambda i: (-lengths[i], i))
-    return [order[i:i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+def plan_rows(requests: Sequence[Request], max_length: int,
+              share_context: bool = True) -> List[List[int]]:
+    """Request indices per sequence row.
+
+    With ``share_context``, requests with the same context share one row: the context once,
+    then each continuation (minus its last token) as its own segment, which attends to the
+    context and to itself only and restarts its positions where the context ends — one
+    forward for the context of a multiple-choice item instead of one per choice. A row holds
+    as many continuations as fit ``max_length``; a request that does not fit with its whole
+    context gets a row of its own, left-truncated as before.
+    """
+    if not share_context:
+        return [[index] for index in range(len(requests))]
+    groups: Dict[Tuple[int, ...], List[int]] = {}
+    for index, (context, _) in enumerate(requests):
+        groups.setdefault(tuple(context), []).append(index)
+    rows = []
+    for context, members in groups.items():
+        row, length = [], len(context)
+        for index in members:
+            extra = len(requests[index][1]) - 1
+            if len(context) + extra > max_length:  # too long even alone: truncated row
+                rows.append([index])
+                continue
+            if row and length + extra > max_length:
+                rows.append(row)
+                row, length = [], len(context)
+            row.append(index)
+            length += extra
+        if row:
+            rows.append(row)
+    return sorted(rows, key=lambda row: row[0])
+
+
+def _row_length(requests: Sequence[Request], row: Sequence[int], max_length: int) -> int:
+    context = requests[row[0]][0]
+    return min(max_length, len(context) + sum(len(requests[i][1]) - 1 for i in row))
+
+
+def plan_micro_batches(requests: Sequence[Request], micro_batch_size: int, max_length: int,
+                       share_context: bool = False) -> List[List[List[int]]]:
+    """Rows (lists of request indices) per micro-batch: longest first, ties in input order
+    (deterministic, so every request lands in the same micro-batch at any DP size)."""
+    rows = plan_rows(requests, max_length, share_context)
+    lengths = [_row_length(requests, row, max_length) for row in rows]
+    order = sorted(range(len(rows)), key=lambda r: (-lengths[r], rows[r][0]))
+    ordered = [rows[r] for r in order]
+    return [ordered[i:i + micro_batch_size] for i in range(0, len(ordered), micro_batch_size)]
 
 
 def _padded_length(longest: int, max_length: int, bucket: int) -> int:
     return min(max_length, -(-longest // bucket) * bucket)
 
 
-def build_micro_batch(requests: Sequence[Request], indices: Sequence[int], max_length: int,
-                      bucket: int = BUCKET, pad_id: int = 0) -> Dict[str, torch.Tensor]:
-    """``tokens``/``labels``/``loss_mask`` [b, s] for the requests at ``indices``.
+def _check_request(context, continuation, max_length: int) -> None:
+    if len(continuation) > max_length:
+        raise UsageError(f"a continuation of {len(continuation)} tokens does not fit the "
+                         f"model's {max_length} positions")
+    if not context or not continuation:
+        raise UsageError("every request needs at least one context and one continuation token")
 
-    Each row is ``context + continuation`` minus its last token, left-truncated to
-    ``max_length`` (the context loses its oldest tokens) and right-padded to ``s``;
-    ``loss_mask`` is 1 on the continuation's positions.
-    """
-    rows = []
-    for index in indices:
-        context, continuation = requests[index]
-        if len(continuation) > max_length:
-            raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the "
-                             f"model's {max_length} positions")
-        if not context or not continuation:
-            raise ValueError("every request needs at least one context and one continuation "
-                             "token")
+
+def _lay_out_row(requests: Sequence[Request], row: Sequence[int], max_length: int):
+    """(tokens, positions, segments, picks) of one row; picks are (column, target, request)."""
+    if len(row) == 1:
+        context, continuation = requests[row[0]]
         whole = (list(context) + list(continuation))[-(max_length + 1):]
-        rows.append((whole, len(continuation)))
-    seq = _padded_length(max(len(w) - 1 for w, _ in rows), max_length, bucket)
+        tokens = whole[:-1]
+        first = len(tokens) - len(continuation)
+        picks = [(first + t, token, row[0]) for t, token in enumerate(continuation)]
+        return tokens, list(range(len(tokens))), [0] * len(tokens), picks
+    context = list(requests[row[0]][0])
+    tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
+    picks = []
+    for segment, index in enumerate(row, 1):
+        continuation = list(requests[index][1])
+        start = len(tokens)
+        picks.append((len(context) - 1, continuation[0], index))
+        picks += [(start + t - 1, token, index) for t, token in enumerate(continuation) if t]
+        tokens += continuation[:-1]
+        positions += range(len(context), len(context) + len(continuation) - 1)
+        segments += [segment] * (len(continuation) - 1)
+    return tokens, positions, segments, picks
+
+
+def build_micro_batch(requests: Sequence[Request], rows: Sequence[Sequence[int]],
+                      max_length: int, bucket: int = BUCKET, pad_id: int = 0
+                      ) -> Dict[str, torch.Tensor]:
+    """The tensors of one micro-batch of rows (see :func:`plan_rows`).
+
+    ``tokens`` [b, s] right-padded; ``pick_row``/``pick_col``/``pick_target``/``pick_owner``
+    [n]: the logit position scoring each continuation token and the request (its slot in
+    this micro-batch's request order) it belongs to. When some row shares its context,
+    ``positions`` [b, s] (RoPE positions) and ``attention_mask`` [b, 1, s, s] (True = masked:
+    a continuation sees the context and itself, never another continuation) come too.
+    """
+    laid = []
+    for row in rows:
+        for index in row:
+            _check_request(*requests[index], max_length)
+        laid.append(_lay_out_row(requests, row, max_length))
+    seq = _padded_length(max(len(tokens) for tokens, *_ in laid), max_length, bucket)
     tokens = torch.full((len(rows), seq), pad_id, dtype=torch.long)  # [b, s]
-    labels = torch.full((len(rows), seq), pad_id, dtype=torch.long)  # [b, s]
-    mask = torch.zeros((len(rows), seq), dtype=torch.float32)  # [b, s]
-    for row, (whole, scored) in enumerate(rows):
-        length = len(whole) - 1
-        tokens[row, :length] = torch.tensor(whole[:-1])
-        labels[row, :length] = torch.tensor(whole[1:])
-        mask[row, length - scored:length] = 1.0
-    return {"tokens": tokens, "labels": labels, "loss_mask": mask}
+    slots = {index: slot for slot, index in enumerate(i for row in rows for i in row)}
+    pick_row, pick_col, pick_target, pick_owner = [], [], [], []
+    for row_index, (row_tokens, _, _, picks) in enumerate(laid):
+        tokens[row_index, :len(row_tokens)] = torch.tensor(row_tokens)
+        for column, target, index in picks:
+            pick_row.append(row_index)
+            pick_col.append(column)
+            pick_target.append(target)
+            pick_owner.append(slots[index])
+    batch = {"tokens": tokens, "pick_row": torch.tensor(pick_row),
+             "pick_col": torch.tensor(pick_col), "pick_target": torch.tensor(pick_target),
+             "pick_owner": torch.tensor(pick_owner), "num_requests": len(slots)}
+    if any(len(row) > 1 for row in rows):
+        positions = torch.zeros((len(rows), seq), dtype=torch.long)  # [b, s]
+        segments = torch.full((len(rows), seq), -1, dtype=torch.long)  # [b, s], -1: padding
+        for row_index, (row_tokens, row_positions, row_segments, _) in enumerate(laid):
+            positions[row_index, :len(row_tokens)] = torch.tensor(row_positions)
+            positions[row_index, len(row_tokens):] = torch.arange(len(row_tokens), seq)
+            segments[row_index, :len(row_tokens)] = torch.tensor(row_segments)
+        causal = torch.ones(seq, seq, dtype=torch.bool).tril()  # [s, s] query × key
+        keys, queries = segments[:, None, :], segments[:, :, None]  # [b, 1, s], [b, s, 1]
+        visible = causal & ((keys == 0) | (keys == queries) | (queries == -1))
+        batch.update(positions=positions, attention_mask=~visible[:, None])  # [b, 1, s, s]
+    return batch
 
 
-def _tp_all_reduce(tensor: torch.Tensor, op) -> torch.Tensor:
-    group = adapter.get_tp_group()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
-    return tensor
+def _tp_all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+    return parallel.all_reduce(tensor, op, adapter.get_tp_group())
 
 
 def continuation_scores(logits: torch.Tensor, batch: Dict[str, torch.Tensor]
                         ) -> Dict[str, torch.Tensor]:
-    """Per-row summed log-probability and greedy flag from vocab-parallel logits.
+    """Per-request summed log-probability and greedy flag from vocab-parallel logits.
 
     Args:
         logits: [b, s, v/tp] this TP rank's slice of the vocabulary (collective over TP).
-        batch: holds ``labels`` and ``loss_mask`` [b, s].
+        batch: a :func:`build_micro_batch` micro-batch (its ``pick_*`` tensors).
 
     Returns:
-        ``{"logprob": [b] float64, "greedy": [b] bool}``; greedy means every masked label is the
-        arg-max over the full vocabulary (the lowest id on ties, as ``torch.argmax``).
+        ``{"logprob": [r] float64, "greedy": [r] bool}`` for the micro-batch's ``r`` requests;
+        greedy means every continuation token is the arg-max over the full vocabulary (the
+        lowest id on ties, as ``torch.argmax``).
     """
-    mask = batch["loss_mask"].to(logits.device) > 0
-    rows, cols = mask.nonzero(as_tuple=True)
+    device = logits.device
+    rows, cols = batch["pick_row"].to(device), batch["pick_col"].to(device)
+    owners = batch["pick_owner"].to(device)
     picked = logits[rows, cols].float()  # [n, v/tp]
-    targets = batch["labels"].to(logits.device)[rows, cols]  # [n]
+    targets = batch["pick_target"].to(device)  # [n]
     local_vocab = picked.shape[-1]
     start = adapter.tp_rank() * local_vocab
     local_max, local_arg = picked.max(dim=-1)  # [n]
-    top = _tp_all_reduce(local_max.clone(), dist.ReduceOp.MAX)
-    sum_exp = _tp_all_reduce((picked - top[:, None]).exp().sum(dim=-1), dist.ReduceOp.SUM)
+    top = _tp_all_reduce(local_max.clone(), "max")
+    sum_exp = _tp_all_reduce((picked - top[:, None]).exp().sum(dim=-1), "sum")
     owned = (targets >= start) & (targets < start + local_vocab)
     local_target = (targets - start).clamp(0, local_vocab - 1)
     target_logit = torch.where(owned, picked.gather(1, local_target[:, None]).squeeze(1),
                                torch.zeros_like(top))
-    target_logit = _tp_all_reduce(target_logit, dist.ReduceOp.SUM)
+    target_logit = _tp_all_reduce(target_logit, "sum")
     no_candidate = torch.iinfo(torch.long).max
     arg = torch.where(local_max == top, local_arg + start, torch.full_like(local_arg, no_candidate))
-    arg = _tp_all_reduce(arg, dist.ReduceOp.MIN)
+    arg = _tp_all_reduce(arg, "min")
     token_logprob = (target_logit - top - sum_exp.log()).double()  # [n]
-    batch_size = mask.shape[0]
-    logprob = torch.zeros(batch_size, dtype=torch.float64, device=logits.device)
-    logprob.index_add_(0, rows, token_logprob)
-    misses = torch.zeros(batch_size, dtype=torch.long, device=logits.device)
-    misses.index_add_(0, rows, (arg != targets).long())
+    count = int(batch["num_requests"])
+    logprob = torch.zeros(count, dtype=torch.float64, device=device)
+    logprob.index_add_(0, owners, token_logprob)
+    misses = torch.zeros(count, dtype=torch.long, device=device)
+    misses.index_add_(0, owners, (arg != targets).long())
     return {"logprob": logprob.cpu(), "greedy": (misses == 0).cpu()}
 
 
@@ -192,16 +279,19 @@ def _same_shape_runs(batches: List[Dict[str, torch.Tensor]],
 
 def score_requests(model, requests: Sequence[Request], max_length: int,
                    micro_batch_size: int = 8, bucket: int = BUCKET,
-                   pad_id: int = 0) -> List[Tuple[float, bool]]:
+                   pad_id: int = 0, share_context: Optional[bool] = None
+                   ) -> List[Tuple[float, bool]]:
     """``(logprob, is_greedy)`` of every request, on every rank (collective over all ranks).
 
     Args:
         model: this rank's mcore GPTModel stage.
         requests: ``(context_ids, continuation_ids)``; identical on every rank.
         max_length: the model's positions; longer requests lose their oldest context tokens.
-        micro_batch_size: requests per forward.
+        micro_batch_size: rows per forward.
         bucket: sequence lengths are padded up to a multiple of this.
         pad_id: token id used for padding (never scored).
+        share_context: requests with one context share a row (:func:`plan_rows`); default:
+            where the model's attention takes an explicit mask (mcore's local spec).
 
     Returns:
         One ``(logprob, is_greedy)`` per request, in input order; equal at every DP/PP size and
@@ -211,11 +301,14 @@ def score_requests(model, requests: Sequence[Request], max_length: int,
 
     if not requests:
         return []
-    plan = plan_micro_batches(requests, micro_batch_size, max_length)
+    if share_context is None:
+        share_context = adapter.accepts_attention_mask(model)
+    plan = plan_micro_batches(requests, micro_batch_size, max_length, share_context)
     dp_rank = parallel_state.get_data_parallel_rank()
     dp_size = parallel_state.get_data_parallel_world_size()
     mine = plan[dp_rank::dp_size]
-    batches = [build_micro_batch(requests, indices, max_length, bucket, pad_id) for indices in mine]
+    batches = [build_micro_batch(requests, rows, max_length, bucket, pad_id) for rows in mine]
+    mine = [[index for row in rows for index in row] for rows in mine]  # request order
     table = None
     if adapter.is_last_stage():
         table = torch.zeros(len(requests), 2, dtype=torch.float64)  # [N, (logprob, greedy)]
@@ -230,12 +323,8 @@ def score_requests(model, requests: Sequence[Request], max_length: int,
             table[indices, 1] = scores["greedy"].double()
     tracker.close()
     if table is not None:
-        if dist.is_initialized() and dp_size > 1:  # one rank holds each entry: the sum is exact
-            from megatron_minitron.parallel import device
-
-            gathered = table.to(device())
-            dist.all_reduce(gathered, group=adapter.get_dp_group())
-            table = gathered.cpu()
+        if dp_size > 1:  # one rank holds each entry: the sum is exact
+            parallel.all_reduce(table, group=adapter.get_dp_group())
         table = [(float(lp), bool(gr)) for lp, gr in table.tolist()]
     return broadcast_from_last_stage(table)
 

@@ -39,7 +39,8 @@ space) first — lm-eval-harness's ``acc_norm`` (per character, not per token). 
 continuation is the same for both options, so there ``acc_norm`` equals ``acc``. Ties go to the
 first choice. LAMBADA's ``acc`` counts passages whose last word is the greedy continuation token
 by token, and ``ppl`` is ``exp(-mean log p(last word))`` over passages. ``*_stderr`` is the
-standard error of the mean over items. ``--limit N`` keeps the first N items of each task.
+standard error of the mean over items; ``chance`` is the accuracy of guessing (the mean of
+1/choices; 0 for LAMBADA). ``--limit N`` keeps the first N items of each task.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def task_metrics(kind: str, items: Sequence[Item],
         mean_logprob = sum(logprobs) / len(logprobs)
         return {"acc": sum(hits) / len(hits), "acc_stderr": _stderr(hits),
                 "ppl": math.exp(min(-mean_logprob, 700.0)), "logprob": mean_logprob,
-                "items": len(items)}
+                "items": len(items), "chance": 0.0}
     hits, norm_hits = [], []
     for item, item_scores in zip(items, scores):
         logprobs = [logprob for logprob, _ in item_scores]
@@ -260,7 +261,8 @@ def task_metrics(kind: str, items: Sequence[Item],
         norm_hits.append(float(_first_argmax(per_char) == item.gold))
     return {"acc": sum(hits) / len(hits), "acc_stderr": _stderr(hits),
             "acc_norm": sum(norm_hits) / len(norm_hits), "acc_norm_stderr": _stderr(norm_hits),
-            "items": len(items)}
+            "items": len(items),
+            "chance": sum(1 / len(item.requests) for item in items) / len(items)}
 
 
 @dataclass

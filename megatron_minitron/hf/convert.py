@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from megatron_minitron import progress
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.errors import UsageError
 from megatron_minitron.hf import mapping
@@ -120,8 +121,10 @@ def _load_hf_state(hf_path: str, gguf_file: Optional[str], where: str) -> Dict[s
     """The model's fp32 state dict (GGUF weights are dequantized by transformers)."""
     transformers = _transformers()
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            hf_path, gguf_file=gguf_file, local_files_only=True, **dtype_kwarg(torch.float32))
+        with progress.third_party_bars():
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                hf_path, gguf_file=gguf_file, local_files_only=True,
+                **dtype_kwarg(torch.float32))
     except Exception as err:  # noqa: BLE001
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"{where}: cannot load the model weights ({reason})") from err
@@ -250,7 +253,7 @@ def export_hf(load: str, output: str, dtype: torch.dtype = torch.float32,
     hf_config = mapping.hf_config_from(cfg, dtype, token_ids)
     transformers = _transformers()
     with parallel.parallel_context(1, 1):
-        model = adapter.build_gpt_model(cfg, use_te=False)
+        model = adapter.build_gpt_model(cfg, use_te=False, init_weights=False)
         io.load_weights(model, load)
         state = mapping.hf_state_from(model, cfg, dtype)
         del model

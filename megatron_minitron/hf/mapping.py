@@ -287,7 +287,8 @@ def _norm_slots(hf_name: str, norm, cfg: ModelConfig) -> List[Tuple[str, List[st
 
 
 def weight_slots(model, cfg: ModelConfig) -> List[Tuple[str, List[str], torch.Tensor]]:
-    """``(kind, hf_names, mcore_tensor)`` for every weight of a TP=1, PP=1 local-spec model.
+    """``(kind, hf_names, mcore_tensor)`` for every weight of a TP=1, PP=1 model (either spec:
+    a norm's tensors are its own module's or those of the linear it is fused into).
 
     ``kind`` says how the HF tensors combine into the mcore one: "copy", "qkv" or "fc1".
     """

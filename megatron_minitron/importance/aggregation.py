@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import List
 
 import torch
-import torch.distributed as dist
 
+from megatron_minitron import parallel
 from megatron_minitron.errors import UsageError
 
 REDUCTIONS = ("mean", "l2", "var")
@@ -94,13 +94,11 @@ class StreamingStat:
 
     def all_merge(self, group=None) -> None:
         """Merges the states of every rank of ``group`` (in rank order) into each rank."""
-        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        if parallel.group_size(group) == 1:
             return
-        size = dist.get_world_size(group)
         packed = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64,
                                          device=self.mean.device), self.mean, self.m2])
-        parts: List[torch.Tensor] = [torch.empty_like(packed) for _ in range(size)]
-        dist.all_gather(parts, packed, group=group)
+        parts: List[torch.Tensor] = parallel.all_gather(packed, group)
         channels = self.mean.numel()
         self.count, self.mean, self.m2 = 0, torch.zeros_like(self.mean), torch.zeros_like(self.m2)
         for part in parts:

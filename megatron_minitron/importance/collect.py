@@ -23,25 +23,43 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 
-from megatron_minitron import adapter
+from megatron_minitron import adapter, parallel
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.errors import UsageError
 from megatron_minitron.importance.aggregation import Aggregation, StreamingStat
 
 NEURON_SOURCES = ("fc2_input", "fc1", "up")
+ACTIVATION_KINDS = ("norm", "attention head", "MLP", "residual stream")  # in forward order
 
 
 class NonFiniteActivation(UsageError):
     """NaN/Inf met in an activation during calibration."""
 
 
-def _check_finite(values: torch.Tensor, layer: int, what: str) -> None:
-    if not torch.isfinite(values).all():
+class FiniteFlags:
+    """Whether every activation seen so far was finite, per (layer, kind), kept on the device:
+    hooks only ``and`` into it, and :meth:`check` reads it (one host sync) once per batch."""
+
+    def __init__(self, layers: List[int], device):
+        self.layers = list(layers)
+        self.row = {layer: row for row, layer in enumerate(self.layers)}
+        self.flags = torch.ones((len(self.layers), len(ACTIVATION_KINDS)), dtype=torch.bool,
+                                device=device)
+
+    def record(self, values: torch.Tensor, layer: int, kind: str) -> None:
+        self.flags[self.row[layer], ACTIVATION_KINDS.index(kind)].logical_and_(
+            torch.isfinite(values).all())
+
+    def check(self) -> None:
+        """Raises :class:`NonFiniteActivation` naming the first (layer, kind) that met NaN/Inf."""
+        if bool(self.flags.all()):
+            return
+        row, kind = (~self.flags).nonzero()[0].tolist()
         raise NonFiniteActivation(
-            f"non-finite (NaN/Inf) {what} activations in layer {layer}; check the checkpoint "
-            "weights and calibration data (or run in fp32)")
+            f"non-finite (NaN/Inf) {ACTIVATION_KINDS[kind]} activations in layer "
+            f"{self.layers[row]}; check the checkpoint weights and calibration data "
+            "(or run in fp32)")
 
 
 class ScoreCollector:
@@ -69,6 +87,7 @@ class ScoreCollector:
         self.norm_stats: List[StreamingStat] = []
         self.bi_sum = {i: torch.zeros((), dtype=torch.float64, device=device) for i in self.indices}
         self.bi_count = {i: 0 for i in self.indices}
+        self.finite = FiniteFlags(self.indices + [cfg.num_layers], device)  # + the final norm
         self._handles = []
 
     # ------------------------------------------------------------------ hooks
@@ -81,7 +100,7 @@ class ScoreCollector:
             s, b = out.shape[:2]
             norms = torch.linalg.vector_norm(out.view(s, b, self.heads_local, d).float(),
                                              dim=-1)  # [s, b, heads_local]
-            _check_finite(self.head[index].update(norms), index, "attention head")
+            self.finite.record(self.head[index].update(norms), index, "attention head")
             grouped = torch.linalg.vector_norm(norms.view(s, b, self.groups_local, -1),
                                                dim=-1)  # [s, b, groups_local]
             self.group[index].update(grouped)
@@ -90,7 +109,7 @@ class ScoreCollector:
     def _fc2_input_hook(self, index):
         def hook(module, args):
             values = args[0].detach()  # [s, b, ffn_local]
-            _check_finite(self.neuron[index].update(values, magnitude=True), index, "MLP")
+            self.finite.record(self.neuron[index].update(values, magnitude=True), index, "MLP")
         return hook
 
     def _fc1_output_hook(self, index):
@@ -100,7 +119,7 @@ class ScoreCollector:
             values = adapter.linear_output(output).detach()  # [s, b, (2×) ffn_local]
             if self.cfg.gated:
                 values = values.chunk(2, dim=-1)[half]  # mcore fc1 shard = [gate_local; up_local]
-            _check_finite(self.neuron[index].update(values, magnitude=True), index, "MLP")
+            self.finite.record(self.neuron[index].update(values, magnitude=True), index, "MLP")
         return hook
 
     def _norm_hook(self, index):
@@ -109,7 +128,7 @@ class ScoreCollector:
 
         def hook(module, args, output):
             values = output.detach()  # [s, b, h]
-            _check_finite(stat.update(values, magnitude=True), index, "norm")
+            self.finite.record(stat.update(values, magnitude=True), index, "norm")
         return hook
 
     def _layer_hook(self, index):
@@ -117,7 +136,7 @@ class ScoreCollector:
             x_in = adapter.layer_hidden_input(args, kwargs).detach()  # [s, b, h]
             x_out = adapter.layer_hidden_output(output).detach()
             cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
-            _check_finite(cos, index, "residual stream")
+            self.finite.record(cos, index, "residual stream")
             self.bi_sum[index] += cos.double().sum()
             self.bi_count[index] += cos.numel()
         return hook
@@ -131,12 +150,12 @@ class ScoreCollector:
                 add(adapter.mlp_fc2(layer).register_forward_pre_hook(self._fc2_input_hook(index)))
             else:
                 add(adapter.mlp_fc1(layer).register_forward_hook(self._fc1_output_hook(index)))
-            for norm in adapter.layer_norms(layer):
-                add(norm.register_forward_hook(self._norm_hook(index)))
+            for norm in adapter.layer_norms(layer):  # standalone or fused into the next linear
+                add(norm.register_output_hook(self._norm_hook(index)))
             add(layer.register_forward_hook(self._layer_hook(index), with_kwargs=True))
         final = adapter.final_norm(self.model)
         if final is not None:
-            self._handles.append(final.register_forward_hook(self._norm_hook(self.cfg.num_layers)))
+            self._handles.append(final.register_output_hook(self._norm_hook(self.cfg.num_layers)))
         return self
 
     def __exit__(self, *exc):
@@ -147,12 +166,18 @@ class ScoreCollector:
 
     # ------------------------------------------------------------------ results
 
+    def check_finite(self) -> None:
+        """Raises :class:`NonFiniteActivation` if any hooked activation so far held NaN/Inf
+        (one host sync: call it once per batch, not per hook)."""
+        self.finite.check()
+
     def results(self) -> Dict[str, torch.Tensor]:
         """Merges over DP, gathers over TP and PP; returns full-model scores on every rank.
 
         Keys: head [L, H], query_group [L, G], neuron [L, F], channel [h], layer_bi [L],
         and ``samples`` (number of calibration samples seen, over all DP ranks).
         """
+        self.check_finite()
         dp_group = adapter.get_dp_group()
         rows = {}
         for name, stats in (("head", self.head), ("query_group", self.group),
@@ -172,9 +197,8 @@ class ScoreCollector:
             for i in self.indices])  # [L_local, 2]
         samples = torch.tensor(float(self.head[self.indices[0]].count), dtype=torch.float64,
                                device=channel.device)
-        if dist.is_initialized():
-            dist.all_reduce(bi, group=dp_group)
-            dist.all_reduce(channel, group=adapter.get_pp_group())
+        parallel.all_reduce(bi, group=dp_group)
+        parallel.all_reduce(channel, group=adapter.get_pp_group())
         rows["layer_bi"] = 1.0 - bi[:, 0] / bi[:, 1].clamp_min(1)
         out = {name: _gather_pp(tensor) for name, tensor in rows.items()}
         out["channel"] = channel.cpu()
@@ -185,18 +209,11 @@ class ScoreCollector:
 def _gather_tp(local: torch.Tensor) -> torch.Tensor:
     """[L_local, c/tp] on each TP rank → [L_local, c] (TP ranks hold contiguous slices)."""
     group = adapter.get_tp_group()
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+    if parallel.group_size(group) == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parallel.all_gather(local, group), dim=-1)
 
 
 def _gather_pp(local: torch.Tensor) -> torch.Tensor:
     """[L_local, ...] on each stage → [L, ...] in stage order (stages hold equal layer counts)."""
-    group = adapter.get_pp_group()
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return local.cpu()
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts, dim=0).cpu()
+    return torch.cat(parallel.all_gather(local, adapter.get_pp_group()), dim=0).cpu()

@@ -13,9 +13,8 @@ import math
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
-import torch.distributed as dist
 
-from megatron_minitron import adapter
+from megatron_minitron import adapter, parallel
 from megatron_minitron.evaluation.lm import lm_loss
 from megatron_minitron.model.forward import pipeline_forward
 
@@ -93,14 +92,14 @@ class BoundaryCapture:
         local_ids = sorted(self.states)
         local = torch.stack([self.states[i] for i in local_ids])
         group = adapter.get_pp_group()
-        if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        stages = parallel.group_size(group)
+        if stages == 1:
             return local
-        per_stage = self.num_layers // dist.get_world_size(group)
+        per_stage = self.num_layers // stages
         padded = torch.zeros((per_stage + 1,) + local.shape[1:], dtype=local.dtype,
                              device=local.device)
         padded[: local.shape[0]] = local
-        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, padded, group=group)
+        parts = parallel.all_gather(padded, group)
         rows = [part[:per_stage] for part in parts]
         rows.append(parts[-1][per_stage:per_stage + 1])  # output of the very last layer
         return torch.cat(rows, dim=0)
@@ -117,8 +116,7 @@ class BoundaryCapture:
         """{n: [L − n + 1]} block importance, reduced over data parallel ranks."""
         totals = torch.cat([self.cos_sum.flatten(), torch.tensor([float(self.tokens)],
                                                                  dtype=torch.float64)])
-        if dist.is_initialized():
-            dist.all_reduce(totals, group=adapter.get_dp_group())
+        parallel.all_reduce(totals, group=adapter.get_dp_group())
         size = self.num_layers + 1
         mean_cos = totals[:-1].view(size, size) / totals[-1].clamp_min(1)
         return {n: torch.stack([1.0 - mean_cos[i, i + n] for i in range(self.num_layers - n + 1)])

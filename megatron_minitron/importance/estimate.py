@@ -60,6 +60,7 @@ def estimate_importance(model, cfg: ModelConfig, micro_batches: List[Dict[str, t
     with collector:
         for batch in micro_batches:  # one at a time so the bar moves; hooks keep no activations
             pipeline_forward(model, [batch], lambda out, b: {})
+            collector.check_finite()  # one host sync per micro-batch, not one per hook
             bar.update()
     bar.close()
     scores = collector.results()
@@ -82,15 +83,13 @@ def estimate_importance(model, cfg: ModelConfig, micro_batches: List[Dict[str, t
 
 def parallel_sum(value: int) -> int:
     """Sum of an integer over data parallel ranks."""
-    import torch.distributed as dist
-
     from megatron_minitron import adapter
 
-    if not dist.is_initialized():
+    group = adapter.get_dp_group()
+    if parallel.group_size(group) == 1:
         return value
-    total = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(total, group=adapter.get_dp_group())
-    return int(total.item())
+    total = torch.tensor([float(value)], dtype=torch.float64)  # on the host: the helper places it
+    return int(parallel.all_reduce(total, group=group).item())
 
 
 def importance_with_forward_loop(model, cfg: ModelConfig,
@@ -136,7 +135,8 @@ def load_scores(path: str, cfg: Optional[ModelConfig] = None) -> Dict[str, Any]:
     try:
         scores = torch.load(path, weights_only=False)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        raise UsageError(f"--scores {path} is not a readable scores file ({err})") from err
+        raise UsageError(f"--scores {path} is not a scores file (write one with `minitron "
+                         "importance --output SCORES`)") from err
     if not isinstance(scores, dict) or "meta" not in scores or "head" not in scores:
         raise UsageError(f"--scores {path} is not a megatron_minitron scores file")
     if cfg is not None:

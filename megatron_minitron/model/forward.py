@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
-
-from megatron_minitron import adapter
+from megatron_minitron import adapter, parallel
 from megatron_minitron.compat.cpu import cuda_to_cpu
 
 
@@ -29,7 +27,9 @@ def pipeline_forward(
 ) -> Optional[List[Dict[str, torch.Tensor]]]:
     """Runs forward-only over ``micro_batches`` at the current layout (collective over PP).
 
-    Each micro-batch holds ``tokens`` [b, s] (and ``labels`` [b, s] when ``with_labels``).
+    Each micro-batch holds ``tokens`` [b, s] (and ``labels`` [b, s] when ``with_labels``), and
+    may hold ``positions`` [b, s] (RoPE positions) with ``attention_mask`` [b, 1, s, s] (True =
+    masked) for rows that are not one causal sequence (see ``adapter.accepts_attention_mask``).
     ``collect(output, batch)`` runs on the last pipeline stage with the model output — logits
     [b, s, v/tp] or, with labels, the per-token loss [b, s] — and returns a dict of tensors.
     Returns the list of those dicts on the last stage and None on other stages.
@@ -42,12 +42,14 @@ def pipeline_forward(
     def forward_step(data_iterator, stage_model):
         batch = _to_device(next(data_iterator), device)
         tokens = batch["tokens"]
-        output = stage_model(
-            tokens,
-            position_ids_for(tokens),
-            attention_mask=None,
-            labels=batch["labels"] if with_labels else None,
-        )
+        positions = batch.get("positions")
+        with adapter.rotary_positions(stage_model, positions):
+            output = stage_model(
+                tokens,
+                position_ids_for(tokens) if positions is None else positions,
+                attention_mask=batch.get("attention_mask"),
+                labels=batch["labels"] if with_labels else None,
+            )
 
         def loss_func(output_tensor):
             return torch.zeros((), device=device), collect(output_tensor, batch)
@@ -72,24 +74,18 @@ def pipeline_forward(
 def gather_vocab_parallel(logits: torch.Tensor) -> torch.Tensor:
     """[b, s, v/tp] → [b, s, v] on every TP rank."""
     group = adapter.get_tp_group()
-    size = dist.get_world_size(group) if dist.is_initialized() else 1
-    if size == 1:
+    if parallel.group_size(group) == 1:
         return logits
-    parts = [torch.empty_like(logits) for _ in range(size)]
-    dist.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
+    return torch.cat(parallel.all_gather(logits, group), dim=-1)
 
 
 def broadcast_from_last_stage(obj):
     """Sends a picklable object from the last pipeline stage to every stage."""
     group = adapter.get_pp_group()
-    size = dist.get_world_size(group) if dist.is_initialized() else 1
+    size = parallel.group_size(group)
     if size == 1:
         return obj
-    src = dist.get_global_rank(group, size - 1)
-    box = [obj]
-    dist.broadcast_object_list(box, src=src, group=group)
-    return box[0]
+    return parallel.broadcast_object(obj, src=parallel.global_rank(group, size - 1), group=group)
 
 
 def full_logits(model, tokens: torch.Tensor, micro_batch_size: int = 1) -> torch.Tensor:

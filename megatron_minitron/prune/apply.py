@@ -1,7 +1,9 @@
 """Trimming weights to a :class:`PrunePlan`, one layer slice at a time.
 
-Where hidden size appears: embedding columns, every norm, QKV and FC1 input columns, attention
-projection and FC2 output rows (and their biases), the untied output layer's columns.
+Where hidden size appears: embedding columns, every norm (its own module's weight, or the
+``layer_norm_weight``/``layer_norm_bias`` of the linear it is fused into), QKV and FC1 input
+columns, attention projection and FC2 output rows (and their biases), the untied output layer's
+columns.
 
 Head add-back (on by default): for each (kept i, pruned j) pair inside a query group, the kept
 head's output-projection columns become ``W_o[:, i] + (W_o[:, i] − W_o[:, j])`` — the paper's
@@ -59,8 +61,10 @@ def _add_back(weight: torch.Tensor, plan: PrunePlan, layer: LayerPlan) -> torch.
 def prune_layer_tensor(suffix: str, tensor: torch.Tensor, plan: PrunePlan,
                        layer: LayerPlan) -> torch.Tensor:
     """Prunes one layer's tensor named ``suffix`` (e.g. ``mlp.linear_fc1.weight``)."""
+    from megatron_minitron import adapter  # imports mcore: kept out of ``import prune``
+
     channels = _index(plan.channels)
-    if suffix.endswith("layernorm.weight") or suffix.endswith("layernorm.bias"):
+    if adapter.is_norm_parameter(suffix):  # standalone or fused into linear_qkv/linear_fc1
         return tensor.index_select(0, channels)
     if suffix == "self_attention.linear_qkv.weight":
         return tensor.index_select(0, _index(qkv_rows(plan, layer))).index_select(1, channels)

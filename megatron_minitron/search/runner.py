@@ -70,20 +70,28 @@ class SearchSettings:
         return self.teacher or self.load
 
 
+def check_settings(settings: SearchSettings) -> None:
+    """The checks that need no checkpoint (``minitron run`` runs them for each step up front)."""
+    if settings.retrain and not settings.retrain_tokens:
+        raise UsageError("--retrain-tokens is required (or --no-retrain to rank by the "
+                         "zero-shot loss)")
+    if settings.retrain_tokens is not None and settings.retrain_tokens < 1:
+        raise UsageError(f"--retrain-tokens {settings.retrain_tokens} must be >= 1")
+    if settings.max_candidates < 1:
+        raise UsageError(f"--max-candidates {settings.max_candidates} must be >= 1")
+    if os.path.isfile(settings.output):
+        raise UsageError(f"--output {settings.output} is a file; pass a directory")
+    if not os.path.isfile(settings.space):
+        raise UsageError(f"--space {settings.space} does not exist; write a search space YAML "
+                         "(examples/README.md)")
+
+
 class Search:
     """Checks everything cheap in ``__init__``; :meth:`run` does the work."""
 
     def __init__(self, settings: SearchSettings, train: TrainConfig):
         self.settings = settings
-        if settings.retrain and not settings.retrain_tokens:
-            raise UsageError("--retrain-tokens is required (or --no-retrain to rank by the "
-                             "zero-shot loss)")
-        if settings.retrain_tokens is not None and settings.retrain_tokens < 1:
-            raise UsageError(f"--retrain-tokens {settings.retrain_tokens} must be >= 1")
-        if settings.max_candidates < 1:
-            raise UsageError(f"--max-candidates {settings.max_candidates} must be >= 1")
-        if os.path.isfile(settings.output):
-            raise UsageError(f"--output {settings.output} is a file; pass a directory")
+        check_settings(settings)
         from megatron_minitron.commands.common import checkpoint_config
         from megatron_minitron.importance import load_scores
 

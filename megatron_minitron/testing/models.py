@@ -20,3 +20,59 @@ def save_tiny_checkpoint(path: str, tokenizer_dir=None, seed: int = 1234, **over
     cfg = tiny_config(**overrides)
     with parallel.parallel_context(1, 1, seed=seed):
         save_checkpoint(adapter.build_gpt_model(cfg), cfg, path, tokenizer_from=tokenizer_dir)
+
+
+def spread_weights(model, cfg: ModelConfig, seed: int = 0, sigma: float = 0.5) -> None:
+    """Gives a randomly initialised model the uneven scales of a trained one, in place.
+
+    mcore's initialisation makes every head, neuron, channel and layer alike, so their
+    importance scores differ by little more than noise. Trained models are uneven; this draws
+    log-normal gains (``exp(sigma * N(0, 1))``) for every norm channel, every query group's
+    value rows, every query head (4× larger queries: attention as peaked as a trained model's),
+    every MLP neuron (its fc1 rows) and every layer's two output projections, and a final norm
+    about 6× larger (logits spread as a trained model's).
+    """
+    import torch
+
+    from megatron_minitron import adapter
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def gains(count):
+        return torch.exp(sigma * torch.randn(count, generator=generator, dtype=torch.float64))
+
+    with torch.no_grad():
+        d, per_group = cfg.kv_channels, cfg.heads_per_group + 2
+        for layer in adapter.decoder_layers(model):
+            for norm in adapter.layer_norms(layer):
+                norm.weight.mul_(gains(norm.weight.shape[0]).to(norm.weight.dtype))
+            qkv = adapter.attention_qkv(layer).weight  # [groups * (hpg + 2) * d, h]
+            rows = qkv.view(-1, per_group, d, qkv.shape[-1])
+            rows[:, -1].mul_(gains(rows.shape[0]).to(qkv.dtype).view(-1, 1, 1))  # values
+            queries = rows[:, :-2]  # [groups, hpg, d, h]: sharper or flatter attention per head
+            queries.mul_(4 * gains(queries.shape[0] * queries.shape[1]).to(qkv.dtype)
+                         .view(queries.shape[0], -1, 1, 1))
+            fc1 = adapter.mlp_fc1(layer).weight  # [(2) * f, h]
+            halves = fc1.view(2 if cfg.gated else 1, -1, fc1.shape[-1])
+            halves.mul_(gains(halves.shape[1]).to(fc1.dtype).view(1, -1, 1))
+            layer_gain = float(gains(1))
+            adapter.attention_output_projection(layer).weight.mul_(layer_gain)
+            adapter.mlp_fc2(layer).weight.mul_(layer_gain)
+        norm = adapter.final_norm(model)
+        if norm is not None:  # logits of a trained model's spread (std ~1, not ~0.15)
+            norm.weight.mul_((6 * gains(norm.weight.shape[0])).to(norm.weight.dtype))
+
+
+def save_realistic_checkpoint(path: str, tokenizer_dir=None, seed: int = 1234,
+                              **overrides) -> ModelConfig:
+    """As :func:`save_tiny_checkpoint`, with :func:`spread_weights` applied (fp32); returns
+    the config."""
+    from megatron_minitron import adapter, parallel
+    from megatron_minitron.checkpoint.io import save_checkpoint
+
+    cfg = tiny_config(**overrides)
+    with parallel.parallel_context(1, 1, seed=seed):
+        model = adapter.build_gpt_model(cfg)
+        spread_weights(model, cfg, seed)
+        save_checkpoint(model, cfg, path, tokenizer_from=tokenizer_dir)
+    return cfg
