@@ -10,8 +10,8 @@ model weights are read (under mcore's own keys), at any TP/PP.
 Writing (``--output-format megatron``)::
 
     OUT/latest_checkpointed_iteration.txt   # "release"
-    OUT/release/                            # mcore torch_dist: weights under mcore's keys,
-                                            # common state {"args", "iteration", "checkpoint_version"}
+    OUT/release/                            # mcore torch_dist: weights under mcore's keys, and
+                                            # {"args", "iteration", "checkpoint_version"}
     OUT/release/minitron_config.json, OUT/release/tokenizer/   # so every minitron command loads OUT
 
 Megatron-LM loads it with ``pretrain_gpt.py --load OUT --finetune`` (architecture flags, or
