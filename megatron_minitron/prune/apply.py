@@ -1,7 +1,9 @@
 """Trimming weights to a :class:`PrunePlan`, one layer slice at a time.
 
 Where hidden size appears: embedding columns, every norm, QKV and FC1 input columns, attention
-projection and FC2 output rows (and their biases), the untied output layer's columns.
+projection and FC2 output rows (and their biases), the untied output layer's columns. The per-head
+query/key norms (Qwen3's ``qk_layernorm``) span one head's channels, which no target changes, so
+they are kept whole.
 
 Head add-back (on by default): for each (kept i, pruned j) pair inside a query group, the kept
 head's output-projection columns become ``W_o[:, i] + (W_o[:, i] − W_o[:, j])`` — the paper's
@@ -17,6 +19,10 @@ import torch
 
 from megatron_minitron.errors import UsageError
 from megatron_minitron.prune.plan import LayerPlan, PrunePlan
+
+
+HEAD_NORM_PREFIXES = ("self_attention.q_layernorm.", "self_attention.k_layernorm.")
+"""Layer parameters normalising each head over its kv_channels (shared by all heads)."""
 
 
 def _index(values: List[int]) -> torch.Tensor:
@@ -60,6 +66,8 @@ def prune_layer_tensor(suffix: str, tensor: torch.Tensor, plan: PrunePlan,
                        layer: LayerPlan) -> torch.Tensor:
     """Prunes one layer's tensor named ``suffix`` (e.g. ``mlp.linear_fc1.weight``)."""
     channels = _index(plan.channels)
+    if suffix.startswith(HEAD_NORM_PREFIXES):
+        return tensor
     if suffix.endswith("layernorm.weight") or suffix.endswith("layernorm.bias"):
         return tensor.index_select(0, channels)
     if suffix == "self_attention.linear_qkv.weight":
