@@ -196,7 +196,8 @@ def test_tiny_round_trip(tiny, variant, tmp_path, monkeypatch):
     out = str(tmp_path / "exported")
     export_hf(case["ckpt"], out)
     config = json.load(open(os.path.join(out, "config.json")))
-    expected_arch = "Qwen2ForCausalLM" if TINY[variant]["arch"] == "qwen2" else "LlamaForCausalLM"
+    expected_arch = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
+        TINY[variant]["arch"], "LlamaForCausalLM")
     assert config["architectures"] == [expected_arch]
     reloaded = _load_hf(out)
     _assert_same_state(case["model"].state_dict(), reloaded.state_dict())
@@ -264,7 +265,7 @@ def test_import_missing_path(tmp_path):
     (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "GPT2LMHeadModel"),
     (dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                             high_freq_factor=4.0, original_max_position_embeddings=64)),
-     "llama3"),
+     "original_max_position_embeddings=64"),
     (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=32),
      "sliding_window=32"),
     (dict(hidden_act="gelu"), "gelu"),

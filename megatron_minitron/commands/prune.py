@@ -69,6 +69,7 @@ def main(args) -> int:
     drop = parse_drop_layers(args.drop_layers)
     read_checkpoint_info(args.load)
     source = load_config(args.load)
+    _warn_if_not_exportable(source, target, args)
     if args.iterations > 1:
         if drop is not None:
             raise UsageError("--iterations needs a --depth-metric, not --drop-layers")
@@ -94,6 +95,21 @@ def main(args) -> int:
         print(f"kept layers (of the last round's source): {kept}")
         print(f"wrote {args.output}")
     return 0
+
+
+def _warn_if_not_exportable(source, target, args) -> None:
+    """Says before any work when the pruned model will not go back to Hugging Face."""
+    import os
+
+    from megatron_minitron.hf.mapping import hf_exportable
+    from megatron_minitron.prune.plan import target_config
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    reason = hf_exportable(target_config(source, target, args.target_tp, args.target_pp))
+    if reason:
+        logger.warning("--target %s: the pruned model cannot be exported with export-hf (%s)",
+                       args.target or "(unchanged)", reason)
 
 
 def _iterative(args, source, target):

@@ -28,6 +28,7 @@ import csv
 import dataclasses
 import gc
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -43,6 +44,8 @@ from megatron_minitron.search.space import (
     format_params,
     load_space,
 )
+
+logger = logging.getLogger("megatron_minitron")
 
 CONFIG_FILE = "search_config.json"
 RESULT_FILE = "result.json"
@@ -111,6 +114,7 @@ class Search:
                              f"{settings.max_candidates}; narrow the space, lower --tolerance or "
                              "raise --max-candidates")
         self.budget = budget
+        self._warn_if_not_exportable()
         self.train = dataclasses.replace(
             train, student=settings.load,
             output=os.path.join(settings.output, "candidates", ".unused"),  # checks only
@@ -122,6 +126,19 @@ class Search:
 
         Trainer(self.train, mode=self._mode())  # the same checks a candidate's run makes
         self._check_output()
+
+    def _warn_if_not_exportable(self) -> None:
+        """Names, before any work, the candidates that will not go back to Hugging Face."""
+        from megatron_minitron.hf.mapping import hf_exportable
+
+        if not parallel.is_rank0():
+            return
+        reasons = {c.name: hf_exportable(c.config) for c in self.candidates}
+        refused = {name: reason for name, reason in reasons.items() if reason}
+        if refused:
+            name, reason = next(iter(refused.items()))
+            logger.warning("search: %d of %d candidates cannot be exported with export-hf (%s); "
+                           "%s: %s", len(refused), len(reasons), ", ".join(refused), name, reason)
 
     # ------------------------------------------------------------------ paths and identity
 
