@@ -363,17 +363,21 @@ def test_config_backward_compatible():
 def test_export_refused_before_writing(tmp_path, monkeypatch):
     """When the installed transformers refuses every class that could hold the shape, export
     fails in one line naming the sizes and writes nothing."""
+    import importlib
+
     ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "hf")
     save_tiny_checkpoint(ckpt, hidden_size=62, kv_channels=16)
+    hf = importlib.import_module("transformers")  # the module export_hf will import
 
-    class StrictMistral(transformers.MistralConfig):
-        def __init__(self, **kwargs):
-            raise ValueError("The hidden size (62) is not a multiple of the number of attention "
-                             "heads (4).")
+    def refuse(**kwargs):
+        raise ValueError("Class validation error:\n    ValueError: The hidden size (62) is not a "
+                         "multiple of the number of attention heads (4).")
 
-    monkeypatch.setattr(transformers, "MistralConfig", StrictMistral)
+    for name in ("LlamaConfig", "MistralConfig"):
+        monkeypatch.setattr(hf, name, refuse)
     message = _assert_one_line_error(lambda: export_hf(ckpt, out), "hidden_size=62", out)
-    assert "LlamaForCausalLM" in message and "MistralForCausalLM" in message
+    assert "LlamaForCausalLM: ValueError: The hidden size (62)" in message
+    assert "MistralForCausalLM" in message
     assert os.listdir(tmp_path) == ["ckpt"]
 
 
@@ -389,6 +393,23 @@ def test_prune_warns_when_target_cannot_be_exported(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if "export-hf" in r.getMessage()]
     assert len(warnings) == 1 and "activation=gelu" in warnings[0], warnings
     assert "\n" not in warnings[0]
+
+
+def test_search_names_candidates_that_cannot_be_exported(caplog):
+    from megatron_minitron.search import enumerate_candidates
+    from megatron_minitron.search.runner import warn_if_not_exportable
+
+    for source, refused in ((tiny_config(activation="gelu", normalization="LayerNorm"), 2),
+                            (tiny_config(), 0)):
+        budget = count_parameters(source)["total"]
+        candidates, _ = enumerate_candidates(source, {"ffn_hidden_size": [96, 128]}, budget, 0.5)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megatron_minitron"):
+            assert len(warn_if_not_exportable(candidates)) == refused
+        lines = [r.getMessage() for r in caplog.records if "export-hf" in r.getMessage()]
+        assert len(lines) == (1 if refused else 0)
+        if refused:
+            assert f"{refused} of 2 candidates" in lines[0] and "activation=gelu" in lines[0]
 
 
 # ---------------------------------------------------------------- families still refused

@@ -73,6 +73,20 @@ class SearchSettings:
         return self.teacher or self.load
 
 
+def warn_if_not_exportable(candidates: List[Candidate]) -> Dict[str, str]:
+    """Logs one warning naming the candidates that ``export-hf`` could not write; returns
+    {name: reason} of those."""
+    from megatron_minitron.hf.mapping import hf_exportable
+
+    reasons = {c.name: hf_exportable(c.config) for c in candidates}
+    refused = {name: reason for name, reason in reasons.items() if reason}
+    if refused:
+        name, reason = next(iter(refused.items()))
+        logger.warning("search: %d of %d candidates cannot be exported with export-hf (%s); "
+                       "%s: %s", len(refused), len(reasons), ", ".join(refused), name, reason)
+    return refused
+
+
 class Search:
     """Checks everything cheap in ``__init__``; :meth:`run` does the work."""
 
@@ -114,7 +128,8 @@ class Search:
                              f"{settings.max_candidates}; narrow the space, lower --tolerance or "
                              "raise --max-candidates")
         self.budget = budget
-        self._warn_if_not_exportable()
+        if parallel.is_rank0():
+            warn_if_not_exportable(self.candidates)
         self.train = dataclasses.replace(
             train, student=settings.load,
             output=os.path.join(settings.output, "candidates", ".unused"),  # checks only
@@ -126,19 +141,6 @@ class Search:
 
         Trainer(self.train, mode=self._mode())  # the same checks a candidate's run makes
         self._check_output()
-
-    def _warn_if_not_exportable(self) -> None:
-        """Names, before any work, the candidates that will not go back to Hugging Face."""
-        from megatron_minitron.hf.mapping import hf_exportable
-
-        if not parallel.is_rank0():
-            return
-        reasons = {c.name: hf_exportable(c.config) for c in self.candidates}
-        refused = {name: reason for name, reason in reasons.items() if reason}
-        if refused:
-            name, reason = next(iter(refused.items()))
-            logger.warning("search: %d of %d candidates cannot be exported with export-hf (%s); "
-                           "%s: %s", len(refused), len(reasons), ", ".join(refused), name, reason)
 
     # ------------------------------------------------------------------ paths and identity
 
