@@ -17,8 +17,8 @@ LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder-only GPT model (Llama family, Qwen, Nemotron-4), stored beside every
-    checkpoint. Fields added later default to the behaviour before them, so older
+    """Architecture of a decoder-only GPT model (Llama family, Qwen, Nemotron-4), stored beside
+    every checkpoint. Fields added later default to the behaviour before them, so older
     ``minitron_config.json`` files load unchanged."""
 
     num_layers: int = 2
