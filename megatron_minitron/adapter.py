@@ -148,6 +148,7 @@ def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool) -> GPT
         rotary_base=int(cfg.rotary_base) if float(cfg.rotary_base).is_integer() else cfg.rotary_base,
         rope_scaling=cfg.rope_scaling,
         rope_scaling_factor=cfg.rope_scaling_factor,
+        seq_len_interpolation_factor=cfg.seq_len_interpolation_factor,
     )
 
 

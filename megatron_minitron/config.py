@@ -58,6 +58,9 @@ class ModelConfig:
     rope_scaling_factor: float = 8.0
     """Llama 3.x RoPE scaling factor (8 for Llama-3.1, 32 for Llama-3.2); used with
     rope_scaling only."""
+    seq_len_interpolation_factor: Optional[float] = None
+    """Linear RoPE scaling (Hugging Face ``rope_type: linear``): positions are divided by this
+    factor (Megatron-Core's ``seq_len_interpolation_factor``); None means no interpolation."""
     tie_word_embeddings: bool = True
     """Output layer shares the input embedding."""
     add_bias_linear: bool = False
@@ -100,6 +103,13 @@ class ModelConfig:
                              f"not {self.normalization!r}; set one or the other")
         if self.rope_scaling and not self.rope_scaling_factor >= 1.0:
             raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be >= 1")
+        interpolation = self.seq_len_interpolation_factor
+        if interpolation is not None and not interpolation > 0:
+            raise ValueError(f"seq_len_interpolation_factor={interpolation} must be positive")
+        if interpolation is not None and self.rope_scaling:
+            raise ValueError("rope_scaling=True with seq_len_interpolation_factor="
+                             f"{interpolation}: Hugging Face models have one RoPE scaling; "
+                             "set one or the other")
         if self.qk_layernorm and self.layernorm_zero_centered_gamma:
             raise ValueError("qk_layernorm=True with layernorm_zero_centered_gamma=True is not "
                              "supported; set one or the other")

@@ -67,6 +67,14 @@ FAMILIES = {
         rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE, factor=32.0),
         tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
         initializer_range=0.02, pretraining_tp=1, bos_token_id=1, eos_token_id=2),
+    # lmsys/longchat-7b-16k (a Llama fine-tuned to 16k with linear RoPE scaling, legacy "type"
+    # key): hidden 4096, ffn 11008, 32 heads (MHA)
+    "llama-linear-rope": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+        hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4,
+        num_hidden_layers=2, max_position_embeddings=16384, rms_norm_eps=1e-06,
+        rope_scaling={"type": "linear", "factor": 8.0}, tie_word_embeddings=False,
+        initializer_range=0.02, bos_token_id=1, eos_token_id=2),
     # mistralai/Mistral-Nemo-Base-2407: hidden 5120, 32 heads of 128 (4096 != hidden), 8 KV
     "mistral-nemo": dict(
         architectures=["MistralForCausalLM"], model_type="mistral", hidden_act="silu",
@@ -108,13 +116,16 @@ def _expected(fields):
     """What our ModelConfig must hold for a family's config.json."""
     heads = fields["num_attention_heads"]
     rope = fields.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type"))
     return dict(
         kv_channels=fields.get("head_dim") or fields["hidden_size"] // heads,
         num_query_groups=fields["num_key_value_heads"],
         tie_word_embeddings=fields["tie_word_embeddings"],
         add_qkv_bias=fields["model_type"] == "qwen2",
         qk_layernorm=fields["model_type"] == "qwen3",
-        rope_scaling=bool(rope), rope_scaling_factor=rope.get("factor", 8.0),
+        rope_scaling=rope_type == "llama3",
+        rope_scaling_factor=rope["factor"] if rope_type == "llama3" else 8.0,
+        seq_len_interpolation_factor=rope["factor"] if rope_type == "linear" else None,
         rotary_base=float(fields.get("rope_theta", 10000.0)),
         rotary_percent=fields.get("partial_rotary_factor", 1.0))
 
@@ -177,14 +188,14 @@ def test_config_and_tp1_logits(families, family):
     assert max_abs <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama3.1", "llama3.2"])
+@pytest.mark.parametrize("family", ["llama3.1", "llama3.2", "llama-linear-rope"])
 def test_rope_scaling_matters(families, family):
-    """Without its llama3 scaling the same model's logits move far beyond the parity
+    """Without its RoPE scaling the same model's logits move far beyond the parity
     tolerance, so the parity test above does test the scaling."""
     case = families[family]
     plain = transformers.AutoConfig.from_pretrained(case["hf"], local_files_only=True)
     plain.rope_parameters = {"rope_type": "default",
-                             "rope_theta": FAMILIES[family]["rope_theta"]}
+                             "rope_theta": FAMILIES[family].get("rope_theta", 10000.0)}
     unscaled = transformers.AutoModelForCausalLM.from_config(plain).eval()
     unscaled.load_state_dict(case["model"].state_dict())
     with torch.no_grad():
@@ -212,7 +223,10 @@ def test_round_trip_is_exact(families, family, tmp_path, monkeypatch):
     assert written["architectures"] == fields["architectures"]
     reloaded = _load_hf(out)
     source = transformers.AutoConfig.from_pretrained(case["hf"], local_files_only=True)
-    assert reloaded.config.rope_parameters == source.rope_parameters
+    def rope(config):  # the legacy "type" key survives next to "rope_type" in the source
+        return {k: v for k, v in config.rope_parameters.items() if k != "type"}
+
+    assert rope(reloaded.config) == rope(source)
     head_dim = _expected(fields)["kv_channels"]  # Qwen2's config has no head_dim field
     assert getattr(reloaded.config, "head_dim", None) in (head_dim, None)
     assert getattr(source, "head_dim", None) in (head_dim, None)
@@ -283,7 +297,8 @@ def test_width_depth_prune_equals_masked_source(families, family, tmp_path, monk
                                 head_add_back=False)
         pruned, pruned_cfg = io.load_checkpoint(out)
         assert sum(p.numel() for p in pruned.parameters()) == count_parameters(pruned_cfg)["total"]
-        for key in ("kv_channels", "rope_scaling", "rope_scaling_factor", "qk_layernorm",
+        for key in ("kv_channels", "rope_scaling", "rope_scaling_factor",
+                    "seq_len_interpolation_factor", "qk_layernorm",
                     "add_qkv_bias", "rotary_percent", "tie_word_embeddings"):
             assert getattr(pruned_cfg, key) == getattr(cfg, key), key
         logits = full_logits(pruned, case["tokens"])
@@ -348,16 +363,20 @@ def test_hf_exportable():
 
 def test_config_backward_compatible():
     old = tiny_config().to_dict()
-    for key in ("rope_scaling", "rope_scaling_factor", "qk_layernorm"):
+    for key in ("rope_scaling", "rope_scaling_factor", "seq_len_interpolation_factor",
+                "qk_layernorm"):
         del old[key]  # a minitron_config.json written before these fields
     loaded = ModelConfig.from_dict(old)
     assert not loaded.rope_scaling and not loaded.qk_layernorm
+    assert loaded.seq_len_interpolation_factor is None
     qwen3 = tiny_config(qk_layernorm=True, rope_scaling=True, rope_scaling_factor=32.0)
     assert ModelConfig.from_dict(json.loads(qwen3.to_json())) == qwen3
     assert (count_parameters(qwen3)["total"] - count_parameters(tiny_config())["total"]
             == 4 * 2 * 16)  # 4 layers x (q + k norm) x head_dim
     with pytest.raises(ValueError, match="rope_scaling_factor=0.5"):
         tiny_config(rope_scaling=True, rope_scaling_factor=0.5)
+    with pytest.raises(ValueError, match="one RoPE scaling"):
+        tiny_config(rope_scaling=True, seq_len_interpolation_factor=4.0)
 
 
 def test_export_refused_before_writing(tmp_path, monkeypatch):

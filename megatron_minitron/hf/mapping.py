@@ -26,7 +26,8 @@ weights are copied unchanged in both directions. Its partial RoPE rotates the le
 ``partial_rotary_factor`` of each head's channels with the half-split convention, the same as
 mcore's ``rotary_percent``. Llama 3.x's ``llama3`` RoPE scaling is mcore's ``rope_scaling``,
 whose low/high frequency factors and original context (1, 4, 8192) are fixed: other values are
-refused.
+refused. ``linear`` RoPE scaling is mcore's ``seq_len_interpolation_factor``; other scalings
+(yarn, dynamic, longrope, ...) are refused.
 """
 
 from __future__ import annotations
@@ -104,17 +105,20 @@ def _check_rope_scaling(rope: Dict[str, Any], where: str) -> None:
     rope_type = _rope_type(rope)
     if rope_type == "default":
         return
-    if rope_type != "llama3":
+    if rope_type not in ("llama3", "linear"):
         raise UsageError(f"{where}: rope_scaling rope_type={rope_type!r} is not supported; only "
-                         "the default RoPE and Llama 3.x's 'llama3' map onto Megatron-Core")
-    for name, fixed in LLAMA3_ROPE_FIXED.items():
-        if name not in rope or float(rope[name]) != fixed:
-            raise UsageError(f"{where}: rope_scaling {name}={rope.get(name)} is not supported; "
-                             f"Megatron-Core's llama3 RoPE scaling fixes it at {fixed:g}")
+                         "the default RoPE, 'linear' and Llama 3.x's 'llama3' map onto "
+                         "Megatron-Core")
+    if rope_type == "llama3":
+        for name, fixed in LLAMA3_ROPE_FIXED.items():
+            if name not in rope or float(rope[name]) != fixed:
+                raise UsageError(f"{where}: rope_scaling {name}={rope.get(name)} is not "
+                                 "supported; Megatron-Core's llama3 RoPE scaling fixes it at "
+                                 f"{fixed:g}")
     factor = rope.get("factor")
     if not isinstance(factor, (int, float)) or factor < 1:
-        raise UsageError(f"{where}: rope_scaling factor={factor} is not supported; the llama3 "
-                         "scaling needs a factor >= 1")
+        raise UsageError(f"{where}: rope_scaling factor={factor} is not supported; the "
+                         f"{rope_type} scaling needs a factor >= 1")
 
 
 def _check_supported(hf_config, arch: str, where: str) -> None:
@@ -190,6 +194,8 @@ def config_from_hf(hf_config, arch: str, where: str) -> ModelConfig:
             rotary_base=theta,
             rope_scaling=_rope_type(rope) == "llama3",
             rope_scaling_factor=float(rope["factor"]) if _rope_type(rope) == "llama3" else 8.0,
+            seq_len_interpolation_factor=(float(rope["factor"]) if _rope_type(rope) == "linear"
+                                          else None),
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
             extra={"hf_architecture": arch, "hf_token_ids": token_ids},
@@ -290,6 +296,9 @@ def hf_config_from(cfg: ModelConfig, dtype: torch.dtype, token_ids: Optional[Dic
     if cfg.rope_scaling:
         kwargs["rope_scaling"] = dict(rope_type="llama3", factor=float(cfg.rope_scaling_factor),
                                       **LLAMA3_ROPE_FIXED)
+    elif cfg.seq_len_interpolation_factor is not None:
+        kwargs["rope_scaling"] = dict(rope_type="linear",
+                                      factor=float(cfg.seq_len_interpolation_factor))
     refusals = []
     for class_name, family in _hf_choices(cfg):
         arch = class_name[:-len("Config")] + "ForCausalLM"
