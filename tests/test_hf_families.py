@@ -223,6 +223,7 @@ def test_round_trip_is_exact(families, family, tmp_path, monkeypatch):
     assert written["architectures"] == fields["architectures"]
     reloaded = _load_hf(out)
     source = transformers.AutoConfig.from_pretrained(case["hf"], local_files_only=True)
+
     def rope(config):  # the legacy "type" key survives next to "rope_type" in the source
         return {k: v for k, v in config.rope_parameters.items() if k != "type"}
 
@@ -256,8 +257,8 @@ def _masked_logits(model, cfg, plan, tokens):
         for layer_plan in plan.layers:
             layer = layers[layer_plan.source_layer]
             pruned_heads = [h for h in range(cfg.num_attention_heads) if h not in layer_plan.heads]
-            adapter.attention_output_projection(layer).weight[:, head_columns(plan,
-                                                                              pruned_heads)] = 0
+            proj = adapter.attention_output_projection(layer).weight  # [h, heads*d]
+            proj[:, head_columns(plan, pruned_heads)] = 0
             pruned = [n for n in range(cfg.ffn_hidden_size) if n not in layer_plan.neurons]
             adapter.mlp_fc2(layer).weight[:, pruned] = 0  # [h, ffn]
     try:
