@@ -72,8 +72,9 @@ def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization=cfg.normalization,
+                                    qk_layernorm=cfg.qk_layernorm)
     if not cfg.layernorm_zero_centered_gamma:
         return spec
     norms = dict(input_layernorm=ZeroCenteredLayerNorm, pre_mlp_layernorm=ZeroCenteredLayerNorm)
@@ -104,6 +105,7 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         activation_func=ACTIVATION_FUNCS[cfg.activation],
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         init_method_std=cfg.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -262,6 +264,9 @@ def _gpt_model(cfg: ModelConfig, params_dtype: torch.dtype, use_te: bool,
         position_embedding_type="rope",
         rotary_percent=cfg.rotary_percent,
         rotary_base=int(cfg.rotary_base) if float(cfg.rotary_base).is_integer() else cfg.rotary_base,
+        rope_scaling=cfg.rope_scaling,
+        rope_scaling_factor=cfg.rope_scaling_factor,
+        seq_len_interpolation_factor=cfg.seq_len_interpolation_factor,
     )
 
 
@@ -286,6 +291,13 @@ def layer_offset(model: GPTModel) -> int:
 def attention_output_projection(layer) -> torch.nn.Module:
     """Row-parallel linear whose input is the concatenated per-head attention output."""
     return layer.self_attention.linear_proj
+
+
+def attention_qk_norms(layer) -> List[torch.nn.Module]:
+    """The per-head query and key norms ([q_layernorm, k_layernorm]), or [] without them."""
+    attention = layer.self_attention
+    norms = [getattr(attention, "q_layernorm", None), getattr(attention, "k_layernorm", None)]
+    return [n for n in norms if n is not None and hasattr(n, "weight")]
 
 
 def mlp_fc1(layer) -> torch.nn.Module:

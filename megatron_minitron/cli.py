@@ -19,7 +19,8 @@ from typing import Dict, Tuple
 from megatron_minitron.errors import UsageError
 
 COMMANDS: Dict[str, Tuple[str, str]] = {
-    "import-hf": ("megatron_minitron.commands.hf", "import a Hugging Face model (Llama, Mistral, Qwen2, Nemotron)"),
+    "import-hf": ("megatron_minitron.commands.hf",
+                  "import a Hugging Face model (Llama, Mistral, Qwen2, Qwen3, Nemotron)"),
     "export-hf": ("megatron_minitron.commands.hf", "export a checkpoint to Hugging Face format"),
     "preprocess-data": ("megatron_minitron.commands.data",
                         "tokenize text/JSONL into a Megatron indexed dataset"),

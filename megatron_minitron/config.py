@@ -1,4 +1,5 @@
-"""Model architecture config (Llama family and Nemotron-4), and exact parameter counting."""
+"""Model architecture config (Llama family, Qwen2/3 and Nemotron-4), and exact parameter
+counting."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from megatron_minitron.errors import UsageError
 
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 ACTIVATIONS = ("swiglu", "gelu", "squared_relu")
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192}
+"""The Llama 3.x RoPE scaling parameters Megatron-Core hard-codes (only the factor varies)."""
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder-only GPT model (Llama family, Nemotron-4), stored beside every
-    checkpoint. Fields added later default to the behaviour before them, so older
+    """Architecture of a decoder-only GPT model (Llama family, Qwen, Nemotron-4), stored beside
+    every checkpoint. Fields added later default to the behaviour before them, so older
     ``minitron_config.json`` files load unchanged."""
 
     num_layers: int = 2
@@ -49,12 +53,25 @@ class ModelConfig:
     """RoPE base (theta)."""
     rotary_percent: float = 1.0
     """Fraction of each head's dimension rotated (its leading channels); 0.5 for Nemotron-4."""
+    rope_scaling: bool = False
+    """Llama 3.x RoPE frequency scaling (Hugging Face ``rope_type: llama3``) as Megatron-Core
+    implements it, with ``low_freq_factor`` 1, ``high_freq_factor`` 4 and
+    ``original_max_position_embeddings`` 8192 (LLAMA3_ROPE_FIXED)."""
+    rope_scaling_factor: float = 8.0
+    """Llama 3.x RoPE scaling factor (8 for Llama-3.1, 32 for Llama-3.2); used with
+    rope_scaling only."""
+    seq_len_interpolation_factor: Optional[float] = None
+    """Linear RoPE scaling (Hugging Face ``rope_type: linear``): positions are divided by this
+    factor (Megatron-Core's ``seq_len_interpolation_factor``); None means no interpolation."""
     tie_word_embeddings: bool = True
     """Output layer shares the input embedding."""
     add_bias_linear: bool = False
     """Biases on every linear layer."""
     add_qkv_bias: bool = False
     """Bias on the QKV projection only (Qwen2)."""
+    qk_layernorm: bool = False
+    """A norm of the model's ``normalization`` over each query and key head (its kv_channels)
+    before RoPE (Qwen3)."""
     init_method_std: float = 0.02
     """Std of the normal initialisation of new weights."""
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -86,6 +103,18 @@ class ModelConfig:
         if self.layernorm_zero_centered_gamma and self.normalization != "LayerNorm":
             raise UsageError(f"layernorm_zero_centered_gamma=True needs normalization='LayerNorm', "
                              f"not {self.normalization!r}; set one or the other")
+        if self.rope_scaling and not self.rope_scaling_factor >= 1.0:
+            raise ValueError(f"rope_scaling_factor={self.rope_scaling_factor} must be >= 1")
+        interpolation = self.seq_len_interpolation_factor
+        if interpolation is not None and not interpolation > 0:
+            raise ValueError(f"seq_len_interpolation_factor={interpolation} must be positive")
+        if interpolation is not None and self.rope_scaling:
+            raise ValueError("rope_scaling=True with seq_len_interpolation_factor="
+                             f"{interpolation}: Hugging Face models have one RoPE scaling; "
+                             "set one or the other")
+        if self.qk_layernorm and self.layernorm_zero_centered_gamma:
+            raise ValueError("qk_layernorm=True with layernorm_zero_centered_gamma=True is not "
+                             "supported; set one or the other")
         rotated = int(self.kv_channels * self.rotary_percent)  # how mcore and HF round it
         if not 0.0 < self.rotary_percent <= 1.0 or rotated <= 0 or rotated % 2:
             raise UsageError(f"rotary_percent={self.rotary_percent} must be in (0, 1] and rotate "
@@ -146,7 +175,8 @@ def count_parameters(cfg: ModelConfig) -> Dict[str, int]:
     attn += q_out * h + (h if cfg.add_bias_linear else 0)
     fc1_out = 2 * f if cfg.gated else f
     mlp = h * fc1_out + f * h + ((fc1_out + h) if cfg.add_bias_linear else 0)
-    per_layer = attn + mlp + 2 * norm
+    qk_norms = 2 * (d if cfg.normalization == "RMSNorm" else 2 * d) if cfg.qk_layernorm else 0
+    per_layer = attn + mlp + 2 * norm + qk_norms
     embedding = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
     non_embedding = cfg.num_layers * per_layer + norm
     return {"total": embedding + non_embedding, "embedding": embedding,

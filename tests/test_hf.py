@@ -196,7 +196,8 @@ def test_tiny_round_trip(tiny, variant, tmp_path, monkeypatch):
     out = str(tmp_path / "exported")
     export_hf(case["ckpt"], out)
     config = json.load(open(os.path.join(out, "config.json")))
-    expected_arch = "Qwen2ForCausalLM" if TINY[variant]["arch"] == "qwen2" else "LlamaForCausalLM"
+    expected_arch = {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}.get(
+        TINY[variant]["arch"], "LlamaForCausalLM")
     assert config["architectures"] == [expected_arch]
     reloaded = _load_hf(out)
     _assert_same_state(case["model"].state_dict(), reloaded.state_dict())
@@ -264,7 +265,7 @@ def test_import_missing_path(tmp_path):
     (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "GPT2LMHeadModel"),
     (dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                             high_freq_factor=4.0, original_max_position_embeddings=64)),
-     "llama3"),
+     "original_max_position_embeddings=64"),
     (dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=32),
      "sliding_window=32"),
     (dict(hidden_act="gelu"), "gelu"),
@@ -374,3 +375,27 @@ def test_smollm2_round_trip(smol_ckpt, smol_hf, smol_batch, tmp_path, monkeypatc
     tokens, reference = smol_batch
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, reference)
+
+
+def test_smollm2_pruned_to_hidden_448_exports(smol_ckpt, smol_batch, tmp_path, monkeypatch):
+    """SmolLM2 pruned to hidden 448 with 6 heads of 64 (448 is no multiple of 6, which
+    LlamaConfig refuses) goes back to transformers and gives our logits."""
+    from megatron_minitron.hf.mapping import hf_exportable
+    from megatron_minitron.importance import random_scores
+    from megatron_minitron.prune import prune_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pruned, exported = str(tmp_path / "pruned"), str(tmp_path / "hf")
+    target = {"hidden_size": 448, "num_attention_heads": 6, "num_query_groups": 3,
+              "num_layers": 12}
+    prune_checkpoint(smol_ckpt, random_scores(load_config(smol_ckpt)), target, pruned)
+    cfg = load_config(pruned)
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.kv_channels) == (448, 6, 64)
+    assert hf_exportable(cfg) is None
+    tokens = smol_batch[0][:, :32]
+    ours = _mcore_logits_tp1(pruned, tokens)
+    assert _run_cli(["export-hf", "--load", pruned, "--output", exported]) == 0
+    assert json.load(open(os.path.join(exported, "config.json")))["architectures"] == [
+        "MistralForCausalLM"]
+    with torch.no_grad():
+        _check_smol_logits(ours, _load_hf(exported)(tokens).logits)

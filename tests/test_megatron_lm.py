@@ -115,8 +115,8 @@ def test_saved_at_tp2_loads_at_other_layouts(saved, tp, pp):
 @pytest.mark.parametrize("changes,named", [
     ({"num_experts": 8}, "num_experts=8"),
     ({"position_embedding_type": "learned_absolute"}, "position_embedding_type='learned_absolute'"),
-    ({"use_rope_scaling": True}, "use_rope_scaling=True"),
-    ({"qk_layernorm": True}, "qk_layernorm=True"),
+    ({"rotary_interleaved": True}, "rotary_interleaved=True"),
+    ({"multi_latent_attention": True}, "multi_latent_attention=True"),
     ({"normalization": "L2Norm"}, "normalization='L2Norm'"),
 ])
 def test_unsupported_args_are_refused_in_one_line(saved, tmp_path, capsys, changes, named):
@@ -138,6 +138,17 @@ def test_unsupported_args_are_refused_in_one_line(saved, tmp_path, capsys, chang
         megatron_lm.read_common = real
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and named in err, err
+
+
+def test_rope_scaling_and_qk_norm_args_map_and_round_trip():
+    from megatron_minitron.checkpoint import megatron_lm
+
+    args = megatron_lm_args(use_rope_scaling=True, rope_scaling_factor=32.0, qk_layernorm=True)
+    cfg = megatron_lm.config_from_args(args, 320, "SAVE")
+    assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.qk_layernorm) == (True, 32.0, True)
+    assert (cfg.rotary_base, cfg.num_query_groups, cfg.tie_word_embeddings) == (500000.0, 2, False)
+    again = megatron_lm.config_from_args(megatron_lm.megatron_args(cfg), 320, "OUT")
+    assert again == cfg
 
 
 def test_bad_tracker_is_refused_in_one_line(tmp_path, capsys):

@@ -167,7 +167,7 @@ def test_run_chain_then_rerun_skips_everything(workspace, tmp_path, capsys):
     path = _recipe(tmp_path / "r.yaml", workdir, teacher, _steps(text), scratch_tokens=10**6)
     assert cli(["run", path]) == 0
     first = capsys.readouterr().out
-    assert first.count("done in") == 4
+    assert first.count("done in") == 4 and "recipe tiny: 4 step(s) run in " in first
     outputs = [workdir / "importance.pt", workdir / "prune" / "minitron_config.json",
                workdir / "distill" / "final" / "minitron_config.json", workdir / "eval.json"]
     assert all(p.is_file() for p in outputs)

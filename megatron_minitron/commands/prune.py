@@ -109,6 +109,7 @@ def main(args) -> int:
     read_checkpoint_info(args.load)
     source = load_config(args.load)
     target, drop = validate(args, lambda path: source)
+    _warn_if_not_exportable(source, target, args)
     if args.random_init:
         plan_target = _random_init(args, source, target)
     elif args.iterations > 1:
@@ -149,6 +150,19 @@ def _random_init(args, source, target):
                         meta={"random_init": True, "seed": args.seed,
                               "source": os.path.abspath(args.load)})
     return cfg
+
+
+def _warn_if_not_exportable(source, target, args) -> None:
+    """Says before any work when the pruned model will not go back to Hugging Face."""
+    from megatron_minitron.hf.mapping import hf_exportable
+    from megatron_minitron.prune.plan import target_config
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    reason = hf_exportable(target_config(source, target, args.target_tp, args.target_pp))
+    if reason:
+        logger.warning("--target %s: the pruned model cannot be exported with export-hf (%s)",
+                       args.target or "(unchanged)", reason)
 
 
 def _iterative(args, source, target):

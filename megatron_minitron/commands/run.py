@@ -133,6 +133,7 @@ def main(args) -> int:
         return 0
     check_inputs(recipe, steps)
     seconds = recorded_seconds(recipe)
+    started, this_run = time.perf_counter(), set()
     with parallel.held_process_group():
         if parallel.is_rank0():
             os.makedirs(recipe.workdir, exist_ok=True)
@@ -151,11 +152,16 @@ def main(args) -> int:
                     _say(f"== step {step.name}: skipped, {step.output} exists")
                 else:
                     seconds[step.name] = run_step(step)
+                    this_run.add(step.name)
                 overall.update()
         overall.set_description(f"recipe {recipe.name}")
         overall.close()
         if parallel.is_rank0():
             print(write_cost(recipe_cost(recipe, seconds), recipe.workdir))
             print(f"cost report: {os.path.join(recipe.workdir, 'cost.md')}")
+            ran = [name for name in seconds if name in this_run]
+            wall = time.perf_counter() - started
+            print(f"recipe {recipe.name}: {len(ran)} step(s) run in {int(wall // 60)} min "
+                  f"{wall % 60:.0f} s of wall time")
         parallel.barrier()
     return 0

@@ -1,14 +1,17 @@
 """Hugging Face configs and weights <-> our ModelConfig and mcore GPTModel.
 
-Supported: ``LlamaForCausalLM`` (Llama 2/3, SmolLM2), ``MistralForCausalLM`` without a sliding
-window, ``Qwen2ForCausalLM`` (QKV bias, no sliding window) and ``NemotronForCausalLM``
-(Nemotron-4: squared-ReLU MLP, LayerNorm1P with bias, partial RoPE). Anything the mcore model
-cannot reproduce exactly raises a one-line :class:`UsageError` naming the value.
+Supported: ``LlamaForCausalLM`` (Llama 2, Llama 3.x with its ``llama3`` RoPE scaling, SmolLM2),
+``MistralForCausalLM`` without a sliding window (Mistral-NeMo's head_dim included),
+``Qwen2ForCausalLM`` (QKV bias, no sliding window), ``Qwen3ForCausalLM`` (per-head q/k RMSNorm,
+dense) and ``NemotronForCausalLM`` (Nemotron-4: squared-ReLU MLP, LayerNorm1P with bias, partial
+RoPE). Anything the mcore model cannot reproduce exactly raises a one-line :class:`UsageError`
+naming the value.
 
 Weight layout (per layer ``i``, HF names under ``model.layers.{i}``)::
 
     input_layernorm            <-> input norm (weight, and bias for LayerNorm)
     self_attn.{q,k,v}_proj     <-> fused QKV, rows query group by group: [q heads, k, v]
+    self_attn.{q,k}_norm       <-> q_layernorm / k_layernorm (Qwen3, one head's width)
     self_attn.o_proj           <-> attention output projection
     post_attention_layernorm   <-> pre-MLP norm
     mlp.{gate,up}_proj         <-> MLP fc1 = cat[gate, up] (SwiGLU); mlp.up_proj alone when
@@ -21,7 +24,10 @@ Nemotron's LayerNorm1P stores gamma - 1 exactly as Megatron does with
 ``layernorm_zero_centered_gamma`` (our ``ZeroCenteredLayerNorm`` on the local spec), so norm
 weights are copied unchanged in both directions. Its partial RoPE rotates the leading
 ``partial_rotary_factor`` of each head's channels with the half-split convention, the same as
-mcore's ``rotary_percent``.
+mcore's ``rotary_percent``. Llama 3.x's ``llama3`` RoPE scaling is mcore's ``rope_scaling``,
+whose low/high frequency factors and original context (1, 4, 8192) are fixed: other values are
+refused. ``linear`` RoPE scaling is mcore's ``seq_len_interpolation_factor``; other scalings
+(yarn, dynamic, longrope, ...) are refused.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megatron_minitron import adapter
-from megatron_minitron.config import ModelConfig
+from megatron_minitron.config import LLAMA3_ROPE_FIXED, ModelConfig
 from megatron_minitron.errors import UsageError
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "NemotronForCausalLM": "nemotron",
 }
 """Supported HF architectures and their ``model_type``."""
@@ -89,14 +96,36 @@ def _partial_rotary(hf_config, rope: Dict[str, Any]) -> float:
     return float(partial or 1.0)
 
 
+def _rope_type(rope: Dict[str, Any]) -> str:
+    return rope.get("rope_type", rope.get("type")) or "default"
+
+
+def _check_rope_scaling(rope: Dict[str, Any], where: str) -> None:
+    """Only the plain RoPE and Llama 3.x's ``llama3`` scaling with mcore's fixed parameters."""
+    rope_type = _rope_type(rope)
+    if rope_type == "default":
+        return
+    if rope_type not in ("llama3", "linear"):
+        raise UsageError(f"{where}: rope_scaling rope_type={rope_type!r} is not supported; only "
+                         "the default RoPE, 'linear' and Llama 3.x's 'llama3' map onto "
+                         "Megatron-Core")
+    if rope_type == "llama3":
+        for name, fixed in LLAMA3_ROPE_FIXED.items():
+            if name not in rope or float(rope[name]) != fixed:
+                raise UsageError(f"{where}: rope_scaling {name}={rope.get(name)} is not "
+                                 "supported; Megatron-Core's llama3 RoPE scaling fixes it at "
+                                 f"{fixed:g}")
+    factor = rope.get("factor")
+    if not isinstance(factor, (int, float)) or factor < 1:
+        raise UsageError(f"{where}: rope_scaling factor={factor} is not supported; the "
+                         f"{rope_type} scaling needs a factor >= 1")
+
+
 def _check_supported(hf_config, arch: str, where: str) -> None:
     """Raises UsageError for features the mcore model here cannot reproduce."""
     nemotron = arch == "NemotronForCausalLM"
     _, rope = _rope(hf_config, where)
-    rope_type = rope.get("rope_type", rope.get("type")) or "default"
-    if rope_type != "default":
-        raise UsageError(f"{where}: rope_scaling type {rope_type!r} is not supported; only the "
-                         "default (unscaled) RoPE maps onto Megatron-Core here")
+    _check_rope_scaling(rope, where)
     act = getattr(hf_config, "hidden_act", "silu")
     expected_act = "relu2" if nemotron else "silu"
     if act != expected_act:
@@ -141,11 +170,12 @@ def _family_fields(hf_config, arch: str, rope: Dict[str, Any]) -> Dict[str, Any]
                     add_qkv_bias=False)
     return dict(normalization="RMSNorm", norm_epsilon=float(hf_config.rms_norm_eps),
                 activation="swiglu", add_bias_linear=False,
-                add_qkv_bias=arch == "Qwen2ForCausalLM")
+                add_qkv_bias=arch == "Qwen2ForCausalLM",
+                qk_layernorm=arch == "Qwen3ForCausalLM")
 
 
 def config_from_hf(hf_config, arch: str, where: str) -> ModelConfig:
-    """Maps a transformers Llama/Mistral/Qwen2/Nemotron config onto our ModelConfig."""
+    """Maps a transformers Llama/Mistral/Qwen2/Qwen3/Nemotron config onto our ModelConfig."""
     _check_supported(hf_config, arch, where)
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
@@ -162,6 +192,10 @@ def config_from_hf(hf_config, arch: str, where: str) -> ModelConfig:
             vocab_size=hf_config.vocab_size,
             max_position_embeddings=hf_config.max_position_embeddings,
             rotary_base=theta,
+            rope_scaling=_rope_type(rope) == "llama3",
+            rope_scaling_factor=float(rope["factor"]) if _rope_type(rope) == "llama3" else 8.0,
+            seq_len_interpolation_factor=(float(rope["factor"]) if _rope_type(rope) == "linear"
+                                          else None),
             tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
             init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
             extra={"hf_architecture": arch, "hf_token_ids": token_ids},
@@ -185,8 +219,10 @@ def _export_problems(cfg: ModelConfig) -> Tuple[List[str], str]:
                             f"gamma={cfg.layernorm_zero_centered_gamma}")
         if cfg.add_qkv_bias and not cfg.add_bias_linear:
             problems.append("add_qkv_bias=True")
+        if cfg.qk_layernorm:
+            problems.append("qk_layernorm=True")
         return problems, ("Nemotron export needs squared_relu + LayerNorm with "
-                          "layernorm_zero_centered_gamma=True")
+                          "layernorm_zero_centered_gamma=True and no qk_layernorm")
     if cfg.normalization != "RMSNorm":
         problems.append(f"normalization={cfg.normalization}")
     if not cfg.gated:
@@ -195,19 +231,53 @@ def _export_problems(cfg: ModelConfig) -> Tuple[List[str], str]:
         problems.append("add_bias_linear=True")
     if cfg.rotary_percent != 1.0:
         problems.append(f"rotary_percent={cfg.rotary_percent}")
-    return problems, ("export supports RMSNorm + SwiGLU + full RoPE models (Llama/Qwen2) and "
-                      "squared_relu + zero-centred LayerNorm models (Nemotron)")
+    if cfg.qk_layernorm and cfg.add_qkv_bias:
+        problems.append("qk_layernorm=True with add_qkv_bias=True")
+    return problems, ("export supports RMSNorm + SwiGLU + full RoPE models (Llama/Mistral, "
+                      "Qwen2 with QKV bias, Qwen3 with qk_layernorm) and squared_relu + "
+                      "zero-centred LayerNorm models (Nemotron)")
+
+
+def _hf_choices(cfg: ModelConfig) -> List[Tuple[str, Dict[str, Any]]]:
+    """(transformers config class, its family's fields) to try, the preferred first: Nemotron
+    for squared-ReLU models, Qwen3 with q/k norms, Qwen2 with a QKV bias only, else Llama, or
+    Mistral (which accepts a hidden size that is no multiple of the heads) for what LlamaConfig
+    refuses and for models imported from Mistral."""
+    if nemotron_like(cfg):
+        return [("NemotronConfig", dict(
+            hidden_act="relu2", norm_eps=cfg.norm_epsilon,
+            partial_rotary_factor=cfg.rotary_percent, attention_bias=cfg.add_bias_linear,
+            mlp_bias=cfg.add_bias_linear))]
+    rms = dict(hidden_act="silu", rms_norm_eps=cfg.norm_epsilon)
+    if cfg.qk_layernorm:
+        return [("Qwen3Config", dict(rms, attention_bias=False, use_sliding_window=False))]
+    if cfg.add_qkv_bias:
+        return [("Qwen2Config", dict(rms, use_sliding_window=False))]
+    llama = ("LlamaConfig", dict(rms, attention_bias=False, mlp_bias=False))
+    mistral = ("MistralConfig", dict(rms, sliding_window=None))
+    if cfg.extra.get("hf_architecture") == "MistralForCausalLM":
+        return [mistral, llama]
+    return [llama, mistral]
+
+
+def _last_line(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def hf_config_from(cfg: ModelConfig, dtype: torch.dtype, token_ids: Optional[Dict] = None):
-    """A transformers config for cfg: NemotronConfig for squared-ReLU models, Qwen2Config when
-    only the QKV projection has a bias, LlamaConfig otherwise."""
-    from transformers import LlamaConfig, NemotronConfig, Qwen2Config
+    """The transformers config that holds ``cfg`` (see :func:`_hf_choices`).
 
+    Raises:
+        UsageError: one line, when ``cfg`` has no Hugging Face equivalent or the installed
+            transformers refuses every candidate config.
+    """
     problems, fix = _export_problems(cfg)
     if problems:
         raise UsageError(f"model config {', '.join(problems)} has no Hugging Face equivalent; "
                          f"{fix}")
+    import transformers
+
     ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
     kwargs = dict(
         vocab_size=cfg.vocab_size,
@@ -223,22 +293,41 @@ def hf_config_from(cfg: ModelConfig, dtype: torch.dtype, token_ids: Optional[Dic
         initializer_range=cfg.init_method_std,
         **ids,
     )
-    if nemotron_like(cfg):
-        hf_config = NemotronConfig(
-            hidden_act="relu2", norm_eps=cfg.norm_epsilon,
-            partial_rotary_factor=cfg.rotary_percent, attention_bias=cfg.add_bias_linear,
-            mlp_bias=cfg.add_bias_linear, architectures=["NemotronForCausalLM"], **kwargs)
-    elif cfg.add_qkv_bias:
-        hf_config = Qwen2Config(hidden_act="silu", rms_norm_eps=cfg.norm_epsilon,
-                                use_sliding_window=False, architectures=["Qwen2ForCausalLM"],
-                                **kwargs)
+    if cfg.rope_scaling:
+        kwargs["rope_scaling"] = dict(rope_type="llama3", factor=float(cfg.rope_scaling_factor),
+                                      **LLAMA3_ROPE_FIXED)
+    elif cfg.seq_len_interpolation_factor is not None:
+        kwargs["rope_scaling"] = dict(rope_type="linear",
+                                      factor=float(cfg.seq_len_interpolation_factor))
+    refusals = []
+    for class_name, family in _hf_choices(cfg):
+        arch = class_name[:-len("Config")] + "ForCausalLM"
+        try:
+            hf_config = getattr(transformers, class_name)(architectures=[arch], **family,
+                                                          **kwargs)
+            break
+        except Exception as err:  # noqa: BLE001 - any refusal by transformers' validation
+            refusals.append(f"{arch}: {_last_line(err)}")
     else:
-        hf_config = LlamaConfig(hidden_act="silu", rms_norm_eps=cfg.norm_epsilon,
-                                attention_bias=False, mlp_bias=False,
-                                architectures=["LlamaForCausalLM"], **kwargs)
+        raise UsageError(f"model config hidden_size={cfg.hidden_size}, num_attention_heads="
+                         f"{cfg.num_attention_heads}, kv_channels={cfg.kv_channels} cannot be "
+                         f"written for transformers {transformers.__version__} "
+                         f"({'; '.join(refusals)}); prune to a shape it accepts")
     # transformers 5 names the weight dtype "dtype", older releases "torch_dtype"
     setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", dtype)
     return hf_config
+
+
+def hf_exportable(cfg: ModelConfig) -> Optional[str]:
+    """None when ``export-hf`` can write ``cfg`` as a transformers model; otherwise the one-line
+    reason (checked against the installed transformers when there is one)."""
+    try:
+        hf_config_from(cfg, torch.float32)
+    except UsageError as err:
+        return str(err)
+    except ImportError:  # no transformers here: only our own mapping was checked
+        return None
+    return None
 
 
 # ---------------------------------------------------------------- weights
@@ -308,6 +397,8 @@ def weight_slots(model, cfg: ModelConfig) -> List[Tuple[str, List[str], torch.Te
         slots.append(("qkv", [n + "weight" for n in attn], qkv.weight))
         if cfg.add_qkv_bias or bias:
             slots.append(("qkv", [n + "bias" for n in attn], qkv.bias))
+        for name, norm in zip(("q_norm", "k_norm"), adapter.attention_qk_norms(layer)):
+            slots += _norm_slots(hf + "self_attn." + name, norm, cfg)
         slots.append(("copy", [hf + "self_attn.o_proj.weight"], proj.weight))
         if bias:
             slots.append(("copy", [hf + "self_attn.o_proj.bias"], proj.bias))

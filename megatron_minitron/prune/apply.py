@@ -3,7 +3,8 @@
 Where hidden size appears: embedding columns, every norm (its own module's weight, or the
 ``layer_norm_weight``/``layer_norm_bias`` of the linear it is fused into), QKV and FC1 input
 columns, attention projection and FC2 output rows (and their biases), the untied output layer's
-columns.
+columns. The per-head query/key norms (Qwen3's ``qk_layernorm``) span one head's channels, which
+no target changes, so they are kept whole.
 
 Head add-back (on by default): for each (kept i, pruned j) pair inside a query group, the kept
 head's output-projection columns become ``W_o[:, i] + (W_o[:, i] − W_o[:, j])`` — the paper's
@@ -19,6 +20,10 @@ import torch
 
 from megatron_minitron.errors import UsageError
 from megatron_minitron.prune.plan import LayerPlan, PrunePlan
+
+
+HEAD_NORM_PREFIXES = ("self_attention.q_layernorm.", "self_attention.k_layernorm.")
+"""Layer parameters normalising each head over its kv_channels (shared by all heads)."""
 
 
 def _index(values: List[int]) -> torch.Tensor:
@@ -64,6 +69,8 @@ def prune_layer_tensor(suffix: str, tensor: torch.Tensor, plan: PrunePlan,
     from megatron_minitron import adapter  # imports mcore: kept out of ``import prune``
 
     channels = _index(plan.channels)
+    if suffix.startswith(HEAD_NORM_PREFIXES):
+        return tensor
     if adapter.is_norm_parameter(suffix):  # standalone or fused into linear_qkv/linear_fc1
         return tensor.index_select(0, channels)
     if suffix == "self_attention.linear_qkv.weight":

@@ -28,6 +28,7 @@ import csv
 import dataclasses
 import gc
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -43,6 +44,8 @@ from megatron_minitron.search.space import (
     format_params,
     load_space,
 )
+
+logger = logging.getLogger("megatron_minitron")
 
 CONFIG_FILE = "search_config.json"
 RESULT_FILE = "result.json"
@@ -86,6 +89,20 @@ def check_settings(settings: SearchSettings) -> None:
                          "(examples/README.md)")
 
 
+def warn_if_not_exportable(candidates: List[Candidate]) -> Dict[str, str]:
+    """Logs one warning naming the candidates that ``export-hf`` could not write; returns
+    {name: reason} of those."""
+    from megatron_minitron.hf.mapping import hf_exportable
+
+    reasons = {c.name: hf_exportable(c.config) for c in candidates}
+    refused = {name: reason for name, reason in reasons.items() if reason}
+    if refused:
+        name, reason = next(iter(refused.items()))
+        logger.warning("search: %d of %d candidates cannot be exported with export-hf (%s); "
+                       "%s: %s", len(refused), len(reasons), ", ".join(refused), name, reason)
+    return refused
+
+
 class Search:
     """Checks everything cheap in ``__init__``; :meth:`run` does the work."""
 
@@ -119,6 +136,8 @@ class Search:
                              f"{settings.max_candidates}; narrow the space, lower --tolerance or "
                              "raise --max-candidates")
         self.budget = budget
+        if parallel.is_rank0():
+            warn_if_not_exportable(self.candidates)
         self.train = dataclasses.replace(
             train, student=settings.load,
             output=os.path.join(settings.output, "candidates", ".unused"),  # checks only
