@@ -345,56 +345,152 @@ def layer_by_number(model: GPTModel, layer_number: int) -> torch.nn.Module:
     raise KeyError(f"layer {layer_number} is not on this pipeline stage")
 
 
+# ---------------------------------------------------------------- optimizer state
+
+OPTIMIZER_STATE_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space",
+                            "chained_optim_avoid_prefix": True}
+"""mcore's "model space" layout of optimizer state: each state tensor (``exp_avg``,
+``exp_avg_sq``, the fp32 main copy ``fp32_param``) is a sharded tensor keyed
+``optimizer.state.<state>.<parameter key>`` and sharded like its parameter (the distributed
+optimizer's part of it as a flattened range). It has the same keys for the plain and the
+distributed optimizer, reloads at any TP/PP/DP layout, and is written without gathering
+anything (mcore 0.16 and 0.19 both support it; their ``fully_reshardable`` gathers every data
+parallel rank's state, ``dp_reshardable`` reloads only at the same TP/PP)."""
+
+_MAIN_PARAM = "optimizer.state.fp32_param."
+
+
 def chained_optimizers(optimizer) -> List:
     """The per-dtype Megatron optimizers inside mcore's ChainedOptimizer (or the one given)."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def optimizer_param_states(optimizer) -> List:
-    """Every (model_param, flat_range, tensors) this rank's optimizer updates.
+def _inner_optimizers(optimizer) -> List[torch.optim.Optimizer]:
+    return [sub.optimizer for sub in chained_optimizers(optimizer) if sub.optimizer is not None]
 
-    ``tensors`` maps ``"main_param"`` (the fp32 copy, only when it is not the model parameter
-    itself) and the inner optimizer's state names (``exp_avg``, ``exp_avg_sq``, ``step`` for
-    Adam) to the tensors the optimizer updates in place. ``flat_range`` is ``(start, end)``
-    within the flattened parameter for mcore's DistributedOptimizer (each data parallel rank
-    owns a range), None when the whole parameter is local.
+
+def _keeps_step_per_param(inner) -> bool:
+    """torch's Adam keeps ``step`` per parameter; TE's and apex's fused Adam per group."""
+    return type(inner).__module__.startswith("torch.optim")
+
+
+def _init_optimizer_state(optimizer) -> None:
+    """Creates Adam's state (zeros) where no step has created it yet: mcore's distributed
+    optimizer reads torch Adam's per-parameter ``step`` in ``state_dict()``."""
+    for inner in _inner_optimizers(optimizer):
+        for group in inner.param_groups:
+            for main in group["params"]:
+                if len(inner.state[main]) == 0:
+                    inner.state[main]["exp_avg"] = torch.zeros_like(main)
+                    inner.state[main]["exp_avg_sq"] = torch.zeros_like(main)
+                    if _keeps_step_per_param(inner):
+                        inner.state[main]["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def optimizer_step(optimizer) -> int:
+    """How many updates the optimizer has made (0 before the first)."""
+    steps = [0]
+    for inner in _inner_optimizers(optimizer):
+        steps += [int(s["step"]) for s in inner.state.values() if "step" in s]
+        steps += [int(g["step"]) for g in inner.param_groups if "step" in g]
+    return max(steps)
+
+
+def _set_optimizer_step(optimizer, step: int) -> None:
+    for inner in _inner_optimizers(optimizer):
+        if _keeps_step_per_param(inner):
+            for main_state in inner.state.values():
+                main_state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        for group in inner.param_groups:
+            if "step" in group:
+                group["step"] = step
+
+
+def _model_dtypes(model_sharded: Dict) -> Dict[str, torch.dtype]:
+    return {value.key: value.data.dtype for value in model_sharded.values()
+            if getattr(value, "data", None) is not None}
+
+
+def _map_leaves(fn, tree, path: str = ""):
+    """``tree`` (nested dicts and lists) with each leaf replaced by ``fn(path, leaf)``."""
+    if isinstance(tree, dict):
+        return {k: _map_leaves(fn, v, f"{path}{k}.") for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_map_leaves(fn, v, f"{path}{i}.") for i, v in enumerate(tree)]
+    return fn(path[:-1], tree)
+
+
+def _state_tensors(tree, dtypes: Dict[str, torch.dtype], prefix: str) -> Dict:
+    """The sharded tensors of an optimizer's sharded state dict by their place in it (their
+    keys repeat across the layers of a stage); without the fp32 main copies of fp32
+    parameters (those are the model's own weights)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    found = {}
+
+    def keep(path, value):
+        if isinstance(value, ShardedBase) and not (
+                value.key.startswith(_MAIN_PARAM)
+                and dtypes.get(value.key[len(_MAIN_PARAM):]) == torch.float32):
+            found[prefix + path] = value
+        return value
+
+    _map_leaves(keep, tree)
+    return found
+
+
+def _sharded_optimizer_state(sub, model_sharded: Dict, is_loading: bool):
+    with cuda_to_cpu():
+        return sub.sharded_state_dict(model_sharded, is_loading=is_loading,
+                                      metadata=dict(OPTIMIZER_STATE_METADATA))
+
+
+def optimizer_state_sharded(optimizer, model_sharded: Dict) -> Dict:
+    """The optimizer's state tensors as mcore sharded tensors for saving.
+
+    ``model_sharded``: the trained modules' sharded state dict (its tensors are the
+    parameters). The tensors are the optimizer's own, nothing is copied or gathered.
     """
+    _init_optimizer_state(optimizer)
+    dtypes = _model_dtypes(model_sharded)
+    out = {}
+    for index, sub in enumerate(chained_optimizers(optimizer)):
+        tree = _sharded_optimizer_state(sub, model_sharded, False)
+        out.update(_state_tensors(tree, dtypes, f"optimizer.{index}."))
+    return out
+
+
+def load_optimizer_state(optimizer, model_sharded: Dict, load, step: int) -> None:
+    """Loads the state saved from :func:`optimizer_state_sharded` (at any layout).
+
+    ``load(request)`` loads a dict of sharded tensors and returns their tensors by key;
+    ``step``: the optimizer's step at the save.
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    entries = []
-    for sub in chained_optimizers(optimizer):
-        inner = sub.optimizer
-        if inner is None:
-            continue
-        if isinstance(sub, DistributedOptimizer):
-            for model_param, (group, order) in sub.model_param_group_index_map.items():
-                main = inner.param_groups[group]["params"][order]
-                span = sub._get_model_param_range_map(model_param)["param"]
-                entries.append((model_param, (span.start, span.end),
-                                _state_tensors(inner, main, model_param)))
-        elif hasattr(sub, "float16_groups"):
-            pairs = [pair for groups in (zip(sub.float16_groups, sub.fp32_from_float16_groups),
-                                         zip(sub.fp32_from_fp32_groups, sub.fp32_from_fp32_groups))
-                     for model_group, main_group in groups
-                     for pair in zip(model_group, main_group)]
-            for model_param, main in pairs:
-                entries.append((model_param, None, _state_tensors(inner, main, model_param)))
-        else:
-            for group in inner.param_groups:
-                for param in group["params"]:
-                    entries.append((param, None, _state_tensors(inner, param, param)))
-    return entries
+    _init_optimizer_state(optimizer)
+    dtypes = _model_dtypes(model_sharded)
+    for index, sub in enumerate(chained_optimizers(optimizer)):
+        prefix = f"optimizer.{index}."
+        tree = _sharded_optimizer_state(sub, model_sharded, True)
+        loaded = load(_state_tensors(tree, dtypes, prefix))
 
+        def fill(path, value):
+            if isinstance(value, LocalNonpersistentObject):
+                return value.unwrap()
+            if isinstance(value, ShardedBase):  # a skipped main copy is the weight itself
+                return loaded.get(prefix + path, value.data)
+            return value
 
-def _state_tensors(inner, main, model_param) -> Dict[str, torch.Tensor]:
-    if len(inner.state[main]) == 0:  # state is created lazily by the first step
-        inner.state[main]["exp_avg"] = torch.zeros_like(main)
-        inner.state[main]["exp_avg_sq"] = torch.zeros_like(main)
-        if isinstance(inner, torch.optim.Optimizer) and type(inner).__module__.startswith(
-                "torch.optim"):
-            inner.state[main]["step"] = torch.zeros((), dtype=torch.float32)
-    tensors = {name: value for name, value in inner.state[main].items() if torch.is_tensor(value)}
-    separate = main.untyped_storage().data_ptr() != model_param.untyped_storage().data_ptr()
-    if separate or main.dtype != model_param.dtype:
-        tensors["main_param"] = main
-    return tensors
+        tree = _map_leaves(fill, tree)
+        param_state = tree.pop("param_state", None)
+        with cuda_to_cpu():
+            sub.load_state_dict(tree)
+        if isinstance(sub, DistributedOptimizer) and param_state is not None:
+            # mcore's loader copies every tensor of a parameter's state, torch Adam's shared
+            # ``step`` included, which the model-space state does not hold; set below.
+            for main_state in sub.optimizer.state.values():
+                main_state.pop("step", None)
+            sub.load_parameter_state_from_fs_model_space(param_state)
+    _set_optimizer_step(optimizer, step)
