@@ -346,18 +346,20 @@ def layer_by_number(model: GPTModel, layer_number: int) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------- optimizer state
+#
+# Optimizer state is saved in mcore's per-parameter ("model space") layout: each state tensor
+# (``exp_avg``, ``exp_avg_sq``, the fp32 main copy ``fp32_param`` of a bf16 parameter) is a
+# sharded tensor keyed ``optimizer.state.<state>.<parameter key>``, sharded like its parameter.
+# The plain optimizers' own ``sharded_state_dict``/``load_state_dict`` write and read it. The
+# distributed optimizer's slices are flat ranges of parameters: mcore 0.16/0.19 describe them
+# with ``flattened_range``, which their ShardedTensor now refuses ("fully_sharded_model_space"),
+# and their other formats either gather every data parallel rank's state into whole-buffer
+# copies ("fully_reshardable") or reload only at the same TP/PP ("dp_reshardable"). So each
+# slice is described here as the few contiguous boxes it covers: the same keys as the plain
+# optimizer, no copy, no communication, reloadable at any TP/PP/DP layout with either optimizer.
 
-OPTIMIZER_STATE_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space",
-                            "chained_optim_avoid_prefix": True}
-"""mcore's "model space" layout of optimizer state: each state tensor (``exp_avg``,
-``exp_avg_sq``, the fp32 main copy ``fp32_param``) is a sharded tensor keyed
-``optimizer.state.<state>.<parameter key>`` and sharded like its parameter (the distributed
-optimizer's part of it as a flattened range). It has the same keys for the plain and the
-distributed optimizer, reloads at any TP/PP/DP layout, and is written without gathering
-anything (mcore 0.16 and 0.19 both support it; their ``fully_reshardable`` gathers every data
-parallel rank's state, ``dp_reshardable`` reloads only at the same TP/PP)."""
-
-_MAIN_PARAM = "optimizer.state.fp32_param."
+OPTIMIZER_STATE_METADATA = {"chained_optim_avoid_prefix": True}
+_PREFIX = "optimizer.state."
 
 
 def chained_optimizers(optimizer) -> List:
@@ -375,8 +377,7 @@ def _keeps_step_per_param(inner) -> bool:
 
 
 def _init_optimizer_state(optimizer) -> None:
-    """Creates Adam's state (zeros) where no step has created it yet: mcore's distributed
-    optimizer reads torch Adam's per-parameter ``step`` in ``state_dict()``."""
+    """Creates Adam's state (zeros) where no step has made it yet."""
     for inner in _inner_optimizers(optimizer):
         for group in inner.param_groups:
             for main in group["params"]:
@@ -406,9 +407,10 @@ def _set_optimizer_step(optimizer, step: int) -> None:
                 group["step"] = step
 
 
-def _model_dtypes(model_sharded: Dict) -> Dict[str, torch.dtype]:
-    return {value.key: value.data.dtype for value in model_sharded.values()
-            if getattr(value, "data", None) is not None}
+def _is_distributed(sub) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return isinstance(sub, DistributedOptimizer)
 
 
 def _map_leaves(fn, tree, path: str = ""):
@@ -420,77 +422,132 @@ def _map_leaves(fn, tree, path: str = ""):
     return fn(path[:-1], tree)
 
 
-def _state_tensors(tree, dtypes: Dict[str, torch.dtype], prefix: str) -> Dict:
-    """The sharded tensors of an optimizer's sharded state dict by their place in it (their
-    keys repeat across the layers of a stage); without the fp32 main copies of fp32
-    parameters (those are the model's own weights)."""
+def _plain_state(sub, model_sharded: Dict, prefix: str, is_loading: bool):
+    """(mcore's sharded state dict of a plain optimizer, its sharded tensors by place)."""
     from megatron.core.dist_checkpointing.mapping import ShardedBase
 
+    with cuda_to_cpu():
+        tree = sub.sharded_state_dict(model_sharded, is_loading=is_loading,
+                                      metadata=dict(OPTIMIZER_STATE_METADATA))
     found = {}
 
     def keep(path, value):
-        if isinstance(value, ShardedBase) and not (
-                value.key.startswith(_MAIN_PARAM)
-                and dtypes.get(value.key[len(_MAIN_PARAM):]) == torch.float32):
+        if isinstance(value, ShardedBase):  # keys repeat across a stage's layers: key by place
             found[prefix + path] = value
         return value
 
     _map_leaves(keep, tree)
+    return tree, found
+
+
+def _boxes(shape, start: int, end: int) -> List:
+    """The flat range [start, end) of a row-major tensor of ``shape`` as contiguous boxes:
+    ``(offset, box shape, flat start)`` each."""
+    if start >= end:
+        return []
+    if len(shape) <= 1:
+        return [((start,) if shape else (), (end - start,) if shape else (), start)]
+    inner = 1
+    for size in shape[1:]:
+        inner *= size
+    row = start // inner
+    if start % inner == 0 and end % inner == 0:
+        return [((row,) + (0,) * (len(shape) - 1), (end // inner - row,) + tuple(shape[1:]),
+                 start)]
+    if row == (end - 1) // inner:
+        return [((row,) + offset, (1,) + box, row * inner + flat)
+                for offset, box, flat in _boxes(shape[1:], start - row * inner,
+                                                 end - row * inner)]
+    head, tail = -(-start // inner) * inner, end // inner * inner
+    return _boxes(shape, start, head) + _boxes(shape, head, tail) + _boxes(shape, tail, end)
+
+
+def _distributed_state(sub, model_sharded: Dict, prefix: str) -> Dict:
+    """This data parallel rank's slices of the distributed optimizer's state as sharded tensors
+    (views of the state itself) by place."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    by_param = {id(value.data): value for value in model_sharded.values()
+                if getattr(value, "data", None) is not None}
+    found = {}
+    for number, model_param in enumerate(sub.model_param_group_index_map):
+        sharded = by_param[id(model_param)]
+        span = sub._get_model_param_range_map(model_param)["param"]
+        states = sub._get_main_param_and_optimizer_states(model_param)
+        states = {("fp32_param" if name == "param" else name): tensor
+                  for name, tensor in states.items() if name != "step"}
+        if model_param.dtype == torch.float32:
+            del states["fp32_param"]  # the main copy is the parameter itself
+        pieces = ([sharded] if isinstance(sharded, ShardedTensor)
+                  else list(nested_values(sharded.build())))  # e.g. SwiGLU's two halves
+        for index, piece in enumerate(pieces):
+            first = piece.data.storage_offset() - model_param.storage_offset()
+            start = max(span.start, first) - first
+            end = min(span.end, first + piece.data.numel()) - first
+            prepend = piece.prepend_axis_num
+            replica = (*piece.replica_id[:2], 0) if isinstance(piece.replica_id, tuple) else 0
+            for box_index, (offset, box, flat) in enumerate(_boxes(piece.local_shape, start, end)):
+                global_offset = piece.global_offset[:prepend] + tuple(
+                    g + o for g, o in zip(piece.global_offset[prepend:], offset))
+                begin = first + flat - span.start
+                # The stacked-layer axes become size-1 axes of the box: mcore's writer of
+                # uneven shards takes the box's shape as the chunk's.
+                shape = (1,) * prepend + tuple(box)
+                numel = torch.Size(box).numel()
+                for name, tensor in states.items():
+                    data = tensor.view(-1)[begin:begin + numel].view(shape)
+                    found[f"{prefix}{number}.{index}.{box_index}.{name}"] = ShardedTensor(
+                        key=f"{_PREFIX}{name}.{piece.key}", data=data, dtype=data.dtype,
+                        local_shape=shape, global_shape=piece.global_shape,
+                        global_offset=global_offset, axis_fragmentations=None,
+                        replica_id=replica)
     return found
 
 
-def _sharded_optimizer_state(sub, model_sharded: Dict, is_loading: bool):
-    with cuda_to_cpu():
-        return sub.sharded_state_dict(model_sharded, is_loading=is_loading,
-                                      metadata=dict(OPTIMIZER_STATE_METADATA))
-
-
 def optimizer_state_sharded(optimizer, model_sharded: Dict) -> Dict:
-    """The optimizer's state tensors as mcore sharded tensors for saving.
+    """The optimizer's state as mcore sharded tensors for saving (views of the state itself).
 
     ``model_sharded``: the trained modules' sharded state dict (its tensors are the
-    parameters). The tensors are the optimizer's own, nothing is copied or gathered.
+    parameters).
     """
     _init_optimizer_state(optimizer)
-    dtypes = _model_dtypes(model_sharded)
     out = {}
     for index, sub in enumerate(chained_optimizers(optimizer)):
-        tree = _sharded_optimizer_state(sub, model_sharded, False)
-        out.update(_state_tensors(tree, dtypes, f"optimizer.{index}."))
+        prefix = f"optimizer.{index}."
+        out.update(_distributed_state(sub, model_sharded, prefix) if _is_distributed(sub)
+                   else _plain_state(sub, model_sharded, prefix, False)[1])
     return out
 
 
 def load_optimizer_state(optimizer, model_sharded: Dict, load, step: int) -> None:
     """Loads the state saved from :func:`optimizer_state_sharded` (at any layout).
 
-    ``load(request)`` loads a dict of sharded tensors and returns their tensors by key;
-    ``step``: the optimizer's step at the save.
+    ``load(request)`` loads a dict of sharded tensors and returns their tensors by the same
+    keys; ``step``: the optimizer's step at the save.
     """
     from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     _init_optimizer_state(optimizer)
-    dtypes = _model_dtypes(model_sharded)
+    _set_optimizer_step(optimizer, step)  # the plain optimizers' state dicts carry it
     for index, sub in enumerate(chained_optimizers(optimizer)):
         prefix = f"optimizer.{index}."
-        tree = _sharded_optimizer_state(sub, model_sharded, True)
-        loaded = load(_state_tensors(tree, dtypes, prefix))
+        if _is_distributed(sub):
+            request = _distributed_state(sub, model_sharded, prefix)
+            loaded = load(request)
+            with torch.no_grad():
+                for key, value in request.items():
+                    if loaded[key] is not value.data:
+                        value.data.copy_(loaded[key])
+            continue
+        tree, request = _plain_state(sub, model_sharded, prefix, True)
+        loaded = load(request)
 
         def fill(path, value):
             if isinstance(value, LocalNonpersistentObject):
                 return value.unwrap()
-            if isinstance(value, ShardedBase):  # a skipped main copy is the weight itself
-                return loaded.get(prefix + path, value.data)
-            return value
+            return loaded[prefix + path] if isinstance(value, ShardedBase) else value
 
-        tree = _map_leaves(fill, tree)
-        param_state = tree.pop("param_state", None)
         with cuda_to_cpu():
-            sub.load_state_dict(tree)
-        if isinstance(sub, DistributedOptimizer) and param_state is not None:
-            # mcore's loader copies every tensor of a parameter's state, torch Adam's shared
-            # ``step`` included, which the model-space state does not hold; set below.
-            for main_state in sub.optimizer.state.values():
-                main_state.pop("step", None)
-            sub.load_parameter_state_from_fs_model_space(param_state)
+            sub.load_state_dict(_map_leaves(fill, tree))
     _set_optimizer_step(optimizer, step)

@@ -253,3 +253,18 @@ def test_earlier_optimizer_state_format_is_refused(resumed, tmp_path):
     assert state.check_output(resumed["single"], identity, "auto") == STEPS
     with pytest.raises(UsageError, match="model weights only.*--student"):
         state.check_output(copy, identity, "auto")
+
+
+def test_flat_range_boxes_cover_the_range_in_order():
+    """The distributed optimizer's flat slice of a parameter, as boxes of the parameter."""
+    from megatron_minitron.adapter import _boxes
+
+    for shape, start, end in [((4, 3, 5), 7, 52), ((6, 8), 0, 48), ((6, 8), 13, 14), ((9,), 2, 7),
+                              ((2, 3, 4), 5, 19)]:
+        grid = torch.arange(torch.Size(shape).numel()).view(shape)
+        covered = []
+        for offset, box, flat in _boxes(shape, start, end):
+            block = grid[tuple(slice(o, o + n) for o, n in zip(offset, box))]
+            assert block.shape == box and block.reshape(-1)[0] == flat
+            covered += block.reshape(-1).tolist()
+        assert covered == list(range(start, end)), (shape, start, end)
