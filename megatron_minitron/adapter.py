@@ -347,18 +347,18 @@ def layer_by_number(model: GPTModel, layer_number: int) -> torch.nn.Module:
 
 # ---------------------------------------------------------------- optimizer state
 #
-# Optimizer state is saved in mcore's per-parameter ("model space") layout: each state tensor
-# (``exp_avg``, ``exp_avg_sq``, the fp32 main copy ``fp32_param`` of a bf16 parameter) is a
-# sharded tensor keyed ``optimizer.state.<state>.<parameter key>``, sharded like its parameter.
-# The plain optimizers' own ``sharded_state_dict``/``load_state_dict`` write and read it. The
-# distributed optimizer's slices are flat ranges of parameters: mcore 0.16/0.19 describe them
-# with ``flattened_range``, which their ShardedTensor now refuses ("fully_sharded_model_space"),
-# and their other formats either gather every data parallel rank's state into whole-buffer
-# copies ("fully_reshardable") or reload only at the same TP/PP ("dp_reshardable"). So each
-# slice is described here as the few contiguous boxes it covers: the same keys as the plain
-# optimizer, no copy, no communication, reloadable at any TP/PP/DP layout with either optimizer.
+# Optimizer state is saved in mcore's per-parameter ("model space") key layout: each state tensor
+# (``exp_avg``, ``exp_avg_sq``, the fp32 main copy ``fp32_param`` of a 16-bit parameter) is a
+# sharded tensor keyed ``optimizer.state.<state>.<parameter key>``, sharded like its parameter,
+# each rank writing the part it updates. mcore's own ``sharded_state_dict`` cannot be used as
+# is in 0.16 and 0.19: its model-space format for the distributed optimizer describes each data
+# parallel slice with ``flattened_range``, which their ShardedTensor refuses; its other formats
+# gather every data parallel rank's state into whole-buffer copies ("fully_reshardable") or
+# reload only at the same TP/PP ("dp_reshardable"); and the bf16 plain optimizer's fails on a
+# model with fp32 parameters (the local spec's norms). So each parameter's slice is described
+# here as the few contiguous boxes it covers: views of the state, no copy, no communication,
+# reloadable at any TP/PP/DP layout with either optimizer.
 
-OPTIMIZER_STATE_METADATA = {"chained_optim_avoid_prefix": True}
 _PREFIX = "optimizer.state."
 
 
@@ -413,33 +413,6 @@ def _is_distributed(sub) -> bool:
     return isinstance(sub, DistributedOptimizer)
 
 
-def _map_leaves(fn, tree, path: str = ""):
-    """``tree`` (nested dicts and lists) with each leaf replaced by ``fn(path, leaf)``."""
-    if isinstance(tree, dict):
-        return {k: _map_leaves(fn, v, f"{path}{k}.") for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_map_leaves(fn, v, f"{path}{i}.") for i, v in enumerate(tree)]
-    return fn(path[:-1], tree)
-
-
-def _plain_state(sub, model_sharded: Dict, prefix: str, is_loading: bool):
-    """(mcore's sharded state dict of a plain optimizer, its sharded tensors by place)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
-
-    with cuda_to_cpu():
-        tree = sub.sharded_state_dict(model_sharded, is_loading=is_loading,
-                                      metadata=dict(OPTIMIZER_STATE_METADATA))
-    found = {}
-
-    def keep(path, value):
-        if isinstance(value, ShardedBase):  # keys repeat across a stage's layers: key by place
-            found[prefix + path] = value
-        return value
-
-    _map_leaves(keep, tree)
-    return tree, found
-
-
 def _boxes(shape, start: int, end: int) -> List:
     """The flat range [start, end) of a row-major tensor of ``shape`` as contiguous boxes:
     ``(offset, box shape, flat start)`` each."""
@@ -462,35 +435,60 @@ def _boxes(shape, start: int, end: int) -> List:
     return _boxes(shape, start, head) + _boxes(shape, head, tail) + _boxes(shape, tail, end)
 
 
-def _distributed_state(sub, model_sharded: Dict, prefix: str) -> Dict:
-    """This data parallel rank's slices of the distributed optimizer's state as sharded tensors
-    (views of the state itself) by place."""
+def _param_states(sub):
+    """(model parameter, the flat range of it this rank updates, {state name: tensor}) for each
+    parameter the Megatron optimizer ``sub`` updates; ``fp32_param`` is the fp32 main copy of a
+    16-bit parameter."""
+    inner = sub.optimizer
+    if _is_distributed(sub):
+        for model_param in sub.model_param_group_index_map:
+            span = sub._get_model_param_range_map(model_param)["param"]
+            states = dict(sub._get_main_param_and_optimizer_states(model_param))
+            states["fp32_param"] = states.pop("param")
+            yield model_param, (span.start, span.end), states
+        return
+    if hasattr(sub, "float16_groups"):
+        pairs = [pair for model_groups, main_groups in (
+            (sub.float16_groups, sub.fp32_from_float16_groups),
+            (sub.fp32_from_fp32_groups, sub.fp32_from_fp32_groups))
+            for model_group, main_group in zip(model_groups, main_groups)
+            for pair in zip(model_group, main_group)]
+    else:
+        pairs = [(param, param) for group in inner.param_groups for param in group["params"]]
+    for model_param, main in pairs:
+        yield model_param, (0, model_param.numel()), dict(inner.state[main], fp32_param=main)
+
+
+def _state_sharded(sub, model_sharded: Dict, prefix: str) -> Dict:
+    """This rank's part of the optimizer state as sharded tensors (views of the state itself)
+    by place: for each parameter the boxes of its flat range, keyed and sharded like it."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     by_param = {id(value.data): value for value in model_sharded.values()
                 if getattr(value, "data", None) is not None}
     found = {}
-    for number, model_param in enumerate(sub.model_param_group_index_map):
+    for number, (model_param, span, states) in enumerate(_param_states(sub)):
         sharded = by_param[id(model_param)]
-        span = sub._get_model_param_range_map(model_param)["param"]
-        states = sub._get_main_param_and_optimizer_states(model_param)
-        states = {("fp32_param" if name == "param" else name): tensor
-                  for name, tensor in states.items() if name != "step"}
+        states = {name: tensor for name, tensor in states.items() if name != "step"}
         if model_param.dtype == torch.float32:
             del states["fp32_param"]  # the main copy is the parameter itself
         pieces = ([sharded] if isinstance(sharded, ShardedTensor)
                   else list(nested_values(sharded.build())))  # e.g. SwiGLU's two halves
         for index, piece in enumerate(pieces):
+            if not piece.data.is_contiguous() or piece.data.untyped_storage().data_ptr() != \
+                    model_param.untyped_storage().data_ptr():
+                raise NotImplementedError(f"{piece.key}: its sharded tensor is not a contiguous "
+                                          "part of the parameter")
             first = piece.data.storage_offset() - model_param.storage_offset()
-            start = max(span.start, first) - first
-            end = min(span.end, first + piece.data.numel()) - first
+            start = max(span[0], first) - first
+            end = min(span[1], first + piece.data.numel()) - first
             prepend = piece.prepend_axis_num
             replica = (*piece.replica_id[:2], 0) if isinstance(piece.replica_id, tuple) else 0
             for box_index, (offset, box, flat) in enumerate(_boxes(piece.local_shape, start, end)):
                 global_offset = piece.global_offset[:prepend] + tuple(
                     g + o for g, o in zip(piece.global_offset[prepend:], offset))
-                begin = first + flat - span.start
+                begin = first + flat - span[0]
                 # The stacked-layer axes become size-1 axes of the box: mcore's writer of
                 # uneven shards takes the box's shape as the chunk's.
                 shape = (1,) * prepend + tuple(box)
@@ -514,9 +512,7 @@ def optimizer_state_sharded(optimizer, model_sharded: Dict) -> Dict:
     _init_optimizer_state(optimizer)
     out = {}
     for index, sub in enumerate(chained_optimizers(optimizer)):
-        prefix = f"optimizer.{index}."
-        out.update(_distributed_state(sub, model_sharded, prefix) if _is_distributed(sub)
-                   else _plain_state(sub, model_sharded, prefix, False)[1])
+        out.update(_state_sharded(sub, model_sharded, f"optimizer.{index}."))
     return out
 
 
@@ -526,28 +522,10 @@ def load_optimizer_state(optimizer, model_sharded: Dict, load, step: int) -> Non
     ``load(request)`` loads a dict of sharded tensors and returns their tensors by the same
     keys; ``step``: the optimizer's step at the save.
     """
-    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase
-
-    _init_optimizer_state(optimizer)
-    _set_optimizer_step(optimizer, step)  # the plain optimizers' state dicts carry it
-    for index, sub in enumerate(chained_optimizers(optimizer)):
-        prefix = f"optimizer.{index}."
-        if _is_distributed(sub):
-            request = _distributed_state(sub, model_sharded, prefix)
-            loaded = load(request)
-            with torch.no_grad():
-                for key, value in request.items():
-                    if loaded[key] is not value.data:
-                        value.data.copy_(loaded[key])
-            continue
-        tree, request = _plain_state(sub, model_sharded, prefix, True)
-        loaded = load(request)
-
-        def fill(path, value):
-            if isinstance(value, LocalNonpersistentObject):
-                return value.unwrap()
-            return loaded[prefix + path] if isinstance(value, ShardedBase) else value
-
-        with cuda_to_cpu():
-            sub.load_state_dict(_map_leaves(fill, tree))
+    request = optimizer_state_sharded(optimizer, model_sharded)
+    loaded = load(request)
+    with torch.no_grad():
+        for key, value in request.items():
+            if loaded[key] is not value.data:
+                value.data.copy_(loaded[key])
     _set_optimizer_step(optimizer, step)

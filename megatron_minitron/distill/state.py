@@ -9,11 +9,11 @@ A run directory ``OUT`` holds::
     OUT/checkpoints/latest              # step of the newest complete checkpoint
     OUT/final/                          # the trained model (weights and tokenizer)
 
-Optimizer state is mcore's own sharded state dict in its per-parameter layout
-(``adapter.OPTIMIZER_STATE_METADATA``): each state tensor is sharded like its parameter under an
-``optimizer.state.<state>.`` key, each rank writes its own part (with the distributed optimizer,
-its data parallel slice) without gathering or copying, and it reloads at any TP/PP/DP layout.
-Checkpoints are written atomically (``checkpoint.io``); only the newest ``keep`` are kept.
+Optimizer state is in mcore's per-parameter layout (see ``adapter``): each state tensor is
+sharded like its parameter under an ``optimizer.state.<state>.`` key, each rank writes its own
+part (with the distributed optimizer, its data parallel slice) without gathering or copying, and
+it reloads at any TP/PP/DP layout with either optimizer. Checkpoints are written atomically
+(``checkpoint.io``); only the newest ``keep`` are kept.
 """
 
 from __future__ import annotations
