@@ -467,7 +467,7 @@ def _state_sharded(sub, model_sharded: Dict, prefix: str) -> Dict:
 
     by_param = {id(value.data): value for value in model_sharded.values()
                 if getattr(value, "data", None) is not None}
-    found = {}
+    found, distributed = {}, _is_distributed(sub)
     for number, (model_param, span, states) in enumerate(_param_states(sub)):
         sharded = by_param[id(model_param)]
         states = {name: tensor for name, tensor in states.items() if name != "step"}
@@ -484,7 +484,9 @@ def _state_sharded(sub, model_sharded: Dict, prefix: str) -> Dict:
             start = max(span[0], first) - first
             end = min(span[1], first + piece.data.numel()) - first
             prepend = piece.prepend_axis_num
-            replica = (*piece.replica_id[:2], 0) if isinstance(piece.replica_id, tuple) else 0
+            replica = piece.replica_id
+            if distributed and isinstance(replica, tuple):  # each DP rank holds its own slice
+                replica = (*replica[:2], 0)
             for box_index, (offset, box, flat) in enumerate(_boxes(piece.local_shape, start, end)):
                 global_offset = piece.global_offset[:prepend] + tuple(
                     g + o for g, o in zip(piece.global_offset[prepend:], offset))
