@@ -7,6 +7,9 @@ import os
 import shutil
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import tiny_text
 from megatron_minitron import parallel
@@ -145,3 +148,123 @@ def test_checkpoints_and_final_model(runs):
     assert info["model"]["hidden_size"] == STUDENT["hidden_size"]
     assert info["meta"]["trained_by"] == "distill" and info["meta"]["step"] == STEPS
     assert os.path.isfile(os.path.join(run_dir, "final", "tokenizer", "tokenizer.json"))
+
+
+# ------------------------------------------------------------ optimizer state at another layout
+
+
+class _Allocations(TorchDispatchMode):
+    """Bytes of each new tensor storage an operator makes inside the block (views and in-place
+    results share their input's storage and are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        self.sizes += [t.untyped_storage().nbytes() for t in tree_leaves(out)
+                       if isinstance(t, torch.Tensor)
+                       and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def _measured_run(config, record):
+    """Trains, recording on each rank the largest tensor allocated while saving a training
+    checkpoint and the bytes of the rank's trained parameters (its whole shard)."""
+    from megatron_minitron.distill.trainer import Trainer
+
+    trainer = Trainer(config)
+    allocations = _Allocations()
+    save = trainer.save
+
+    def measured_save(step):
+        with allocations:
+            save(step)
+
+    trainer.save = measured_save
+    trainer.run()
+    params = [p for p in trainer.run_state.ddp_model.parameters() if p.requires_grad]
+    with open(f"{record}.{parallel.rank()}.json", "w") as handle:
+        json.dump({"largest": max(allocations.sizes),
+                   "shard": sum(p.numel() * p.element_size() for p in params)}, handle)
+
+
+def _reference_run(models, paths):
+    _measured_run(train_config(models, paths["single"]), paths["single"] + ".alloc")
+
+
+def _resume_on_two_ranks(models, paths):
+    _measured_run(train_config(models, paths["dp2"], resume="auto"), paths["dp2"] + ".alloc")
+    _run(train_config(models, paths["tp2"], tp=2, resume="auto"))
+
+
+@pytest.fixture(scope="module")
+def resumed(distill_models, tmp_path_factory):
+    """A single-rank run; its step-2 checkpoint resumed at DP=2 (distributed optimizer) and at
+    TP=2."""
+    root = tmp_path_factory.mktemp("resumed")
+    paths = {name: str(root / name) for name in ("single", "dp2", "tp2")}
+    spawn(_reference_run, 1, distill_models, paths)
+    for name in ("dp2", "tp2"):
+        shutil.copytree(paths["single"], paths[name])
+        for drop in ("checkpoints/iter_0000004", "final"):
+            shutil.rmtree(os.path.join(paths[name], drop))
+        os.remove(os.path.join(paths[name], "checkpoints", "latest"))
+    spawn(_resume_on_two_ranks, 2, distill_models, paths)
+    return paths
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2"])
+def test_resume_at_another_data_or_tensor_parallel_size(resumed, layout):
+    """Saved at one rank, resumed at DP=2 (plain → distributed optimizer) or TP=2: steps 3-4
+    follow the uninterrupted run, so the Adam state came back re-sharded."""
+    reference = read_log(resumed["single"])
+    logs = read_log(resumed[layout])
+    assert [r["step"] for r in logs] == [1, 2, 3, 4]
+    _assert_close_logs(logs[2:], reference[2:])
+
+
+@pytest.mark.parametrize("run", ["single", "dp2"])
+def test_saving_optimizer_state_allocates_no_shard_sized_tensor(resumed, run):
+    """Saving writes the optimizer's own state tensors: no tensor as large as the rank's whole
+    parameter shard is made (plain optimizer at DP=1, distributed optimizer at DP=2)."""
+    ranks = 1 if run == "single" else 2
+    for rank in range(ranks):
+        with open(f"{resumed[run]}.alloc.{rank}.json") as handle:
+            record = json.load(handle)
+        assert 0 < record["largest"] < record["shard"], record
+
+
+def test_earlier_optimizer_state_format_is_refused(resumed, tmp_path):
+    from megatron_minitron.distill import state
+    from megatron_minitron.errors import UsageError
+
+    copy = str(tmp_path / "old")
+    shutil.copytree(resumed["single"], copy)
+    extra_file = os.path.join(state.iteration_dir(copy, STEPS), "extra_state.pt")
+    extra = torch.load(extra_file, weights_only=False)
+    del extra["optimizer_format"]
+    torch.save(extra, extra_file)
+    with open(os.path.join(copy, "run.json")) as handle:
+        identity = json.load(handle)["identity"]
+    assert state.check_output(resumed["single"], identity, "auto") == STEPS
+    with pytest.raises(UsageError, match="model weights only.*--student"):
+        state.check_output(copy, identity, "auto")
+
+
+def test_flat_range_boxes_cover_the_range_in_order():
+    """The distributed optimizer's flat slice of a parameter, as boxes of the parameter."""
+    from megatron_minitron.adapter import _boxes
+
+    for shape, start, end in [((4, 3, 5), 7, 52), ((6, 8), 0, 48), ((6, 8), 13, 14), ((9,), 2, 7),
+                              ((2, 3, 4), 5, 19)]:
+        grid = torch.arange(torch.Size(shape).numel()).view(shape)
+        covered = []
+        for offset, box, flat in _boxes(shape, start, end):
+            block = grid[tuple(slice(o, o + n) for o, n in zip(offset, box))]
+            assert block.shape == box and block.reshape(-1)[0] == flat
+            covered += block.reshape(-1).tolist()
+        assert covered == list(range(start, end)), (shape, start, end)

@@ -224,7 +224,7 @@ def build_run(trainer) -> RunState:
                                          config.intermediate_loss, config.seed, ddp_fields)
     optimizer, scheduler = _optimizer(trainer, ddp_model, student_dtype, layout.dp)
     if resume_dir:
-        _restore(trainer, model, ddp_model, optimizer, scheduler, resume_dir, start_step)
+        _restore(trainer, model, optimizer, scheduler, resume_dir, start_step)
     ddp_model.train()
     parallel.log_rank0(
         f"{trainer.mode}: {layout}, {config.train_steps()} steps of {config.global_batch_size}"
@@ -242,14 +242,12 @@ def _model_sharded(model):
     return sharded
 
 
-def _restore(trainer, model, ddp_model, optimizer, scheduler, path: str, step: int) -> None:
+def _restore(trainer, model, optimizer, scheduler, path: str, step: int) -> None:
     extra = state.read_extra_state(path)
     if extra.get("step") != step:
         raise UsageError(f"--resume: {path} records step {extra.get('step')}, not {step}")
     state.restore_projections(model, path)
-    with cuda_to_cpu():
-        state.restore_optimizer(optimizer, ddp_model, _model_sharded(model), path,
-                                extra["optimizer_step"])
+    state.restore_optimizer(optimizer, _model_sharded(model), path, extra["optimizer_step"])
     scheduler.load_state_dict(extra["scheduler"])
 
 
@@ -260,12 +258,11 @@ def save_training_checkpoint(trainer, step: int) -> None:
 
     run, config = trainer.run_state, trainer.config
     model_sharded = _model_sharded(run.model)
-    with cuda_to_cpu():
-        optimizer_sharded, optimizer_step = state.optimizer_sharded(
-            run.optimizer, run.ddp_model, model_sharded)
+    optimizer_sharded, optimizer_step = state.optimizer_sharded(run.optimizer, model_sharded)
     extra_sharded = dict(state.projection_sharded(run.model), **optimizer_sharded)
     extra_state = {"step": step, "consumed_samples": step * config.global_batch_size,
-                   "optimizer_step": optimizer_step, "scheduler": run.scheduler.state_dict(),
+                   "optimizer_step": optimizer_step, "optimizer_format": state.OPTIMIZER_FORMAT,
+                   "scheduler": run.scheduler.state_dict(),
                    "identity": trainer.identity()}
     save_checkpoint(run.student, trainer.student_cfg, state.iteration_dir(config.output, step),
                     meta=trainer._meta(step), extra_state=extra_state,

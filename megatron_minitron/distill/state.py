@@ -9,10 +9,11 @@ A run directory ``OUT`` holds::
     OUT/checkpoints/latest              # step of the newest complete checkpoint
     OUT/final/                          # the trained model (weights and tokenizer)
 
-Optimizer state is saved per parameter, sharded like the parameter itself (its mcore sharded
-tensor with an ``optimizer.<state>.`` key), so it reloads at any TP/PP/DP layout; with the
-distributed optimizer each data parallel rank's slice is gathered first. Checkpoints are written
-atomically (``checkpoint.io``); only the newest ``keep`` are kept.
+Optimizer state is in mcore's per-parameter layout (see ``adapter``): each state tensor is
+sharded like its parameter under an ``optimizer.state.<state>.`` key, each rank writes its own
+part (with the distributed optimizer, its data parallel slice) without gathering or copying, and
+it reloads at any TP/PP/DP layout with either optimizer. Checkpoints are written atomically
+(``checkpoint.io``); only the newest ``keep`` are kept.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FINAL = "final"
 _ITER = re.compile(r"^iter_(\d{7})$")
+OPTIMIZER_FORMAT = 2
+"""``extra_state["optimizer_format"]`` of checkpoints holding mcore's sharded optimizer state;
+earlier checkpoints have none and resume from their weights only."""
 
 
 def iteration_dir(output: str, step: int) -> str:
@@ -108,7 +112,18 @@ def check_output(output: str, identity: Dict[str, Any], resume: Optional[str]) -
     if differences:
         raise UsageError(f"--resume: {output} holds another run ({'; '.join(differences[:4])}); "
                          "re-run its own command or choose a new --output")
-    return latest_step(output)
+    step = latest_step(output)
+    if step is not None:
+        _check_optimizer_format(iteration_dir(output, step))
+    return step
+
+
+def _check_optimizer_format(path: str) -> None:
+    extra = load_extra_state(path)
+    if extra is not None and extra.get("optimizer_format") != OPTIMIZER_FORMAT:
+        raise UsageError(f"--resume: {path} holds optimizer state in an earlier format that "
+                         "cannot be resumed; resume from its model weights only: start a new "
+                         f"run with --student {path} and another --output")
 
 
 def start_run(output: str, identity: Dict[str, Any], config: Dict[str, Any],
@@ -137,17 +152,6 @@ def start_run(output: str, identity: Dict[str, Any], config: Dict[str, Any],
 # ----------------------------------------------------------------------------- sharded state
 
 
-def _sharded_by_tensor(sharded: Dict[str, Any]) -> Dict[tuple, Any]:
-    """(data_ptr, shape) of each sharded tensor's data → (its state dict key, itself)."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    found = {}
-    for key, value in sharded.items():
-        if isinstance(value, (ShardedTensor, ShardedTensorFactory)) and value.data is not None:
-            found[(value.data.data_ptr(), tuple(value.data.shape))] = (key, value)
-    return found
-
-
 def projection_sharded(model) -> Dict[str, Any]:
     """The intermediate-state projections as sharded tensors (replicated over TP and DP)."""
     from megatron.core import parallel_state
@@ -160,90 +164,20 @@ def projection_sharded(model) -> Dict[str, Any]:
         for name, module in model.projections.items()}
 
 
-def _full_optimizer_states(optimizer, params: List[torch.nn.Parameter]):
-    """Each parameter's optimizer tensors as whole (this rank's TP/PP shard) tensors.
+def optimizer_sharded(optimizer, model_sharded: Dict[str, Any]):
+    """(sharded tensors of the optimizer state, optimizer step) for saving.
 
-    Returns ``(names, {name: [tensor per param]}, step)``. With the distributed optimizer
-    every data parallel rank contributes its slice (collective over DP).
+    ``model_sharded``: the sharded state dict of everything trained (student and projections).
     """
-    entries = {id(p): (span, tensors) for p, span, tensors in adapter.optimizer_param_states(
-        optimizer)}
-    names = sorted({n for _, tensors in entries.values() for n in tensors if n != "step"})
-    names = parallel.broadcast_object(names)
-    distributed = any(span is not None for span, _ in entries.values())
-    distributed = bool(_max_over_world(int(distributed)))
-    step = max([int(t["step"].item()) for _, t in entries.values() if "step" in t] or [0])
-    total = sum(p.numel() for p in params)
-    full = {}
-    for name in names:
-        flat = torch.zeros(total, dtype=torch.float32, device=parallel.device())
-        offset = 0
-        for param in params:
-            span, tensors = entries.get(id(param), (None, None))
-            if tensors is not None and name in tensors:
-                start, end = span if span is not None else (0, param.numel())
-                flat[offset + start:offset + end] = tensors[name].detach().reshape(-1).float()
-            offset += param.numel()
-        if distributed:
-            parallel.all_reduce(flat, group=adapter.get_dp_group())
-        full[name] = list(torch.split(flat, [p.numel() for p in params]))
-    return names, full, max(step, _max_over_world(step))
+    return (adapter.optimizer_state_sharded(optimizer, model_sharded),
+            adapter.optimizer_step(optimizer))
 
 
-def _max_over_world(value: int) -> int:
-    if parallel.world_size() == 1:
-        return value
-    box = torch.tensor([value], dtype=torch.int64, device=parallel.device())
-    return int(parallel.all_reduce(box, "max").item())
-
-
-def _params(ddp_model) -> List[torch.nn.Parameter]:
-    return [p for p in ddp_model.parameters() if p.requires_grad]
-
-
-def optimizer_sharded(optimizer, ddp_model, model_sharded: Dict[str, Any]):
-    """(sharded tensors of the optimizer state, optimizer step) for saving."""
-    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
-
-    params = _params(ddp_model)
-    names, full, step = _full_optimizer_states(optimizer, params)
-    by_tensor = _sharded_by_tensor(model_sharded)
-    out = {}
-    for index, param in enumerate(params):
-        found = by_tensor.get((param.data_ptr(), tuple(param.shape)))
-        if found is None:
-            raise RuntimeError(f"parameter of shape {tuple(param.shape)} has no sharded tensor")
-        model_key, model_tensor = found
-        for name in names:
-            out[f"optimizer.{name}.{model_key}"] = make_sharded_optimizer_tensor(
-                model_tensor, full[name][index].view(param.shape), f"optimizer.{name}")
-    return out, step
-
-
-def restore_optimizer(optimizer, ddp_model, model_sharded: Dict[str, Any], path: str,
-                      step: int) -> None:
-    """Loads the optimizer state saved by :func:`optimizer_sharded` (any layout)."""
-    params = _params(ddp_model)
-    entries = adapter.optimizer_param_states(optimizer)  # creates missing state tensors
-    request, _ = optimizer_sharded(optimizer, ddp_model, model_sharded)
-    for value in request.values():
-        value.data = torch.empty_like(value.data)
-    loaded = load_sharded(path, request)
-    by_tensor = _sharded_by_tensor(model_sharded)
-    for param, span, tensors in entries:
-        model_key, _ = by_tensor[(param.data_ptr(), tuple(param.shape))]
-        for name, target in tensors.items():
-            if name == "step":
-                target.fill_(step)
-                continue
-            full = loaded[f"optimizer.{name}.{model_key}"].reshape(-1)
-            start, end = span if span is not None else (0, param.numel())
-            target.copy_(full[start:end].view_as(target))
-    for sub in adapter.chained_optimizers(optimizer):
-        for group in getattr(sub.optimizer, "param_groups", []):
-            if "step" in group:  # fused Adam keeps its step per group
-                group["step"] = step
-    del params
+def restore_optimizer(optimizer, model_sharded: Dict[str, Any], path: str, step: int) -> None:
+    """Loads the optimizer state saved by :func:`optimizer_sharded` (any layout, either
+    optimizer) and sets its ``step``."""
+    adapter.load_optimizer_state(optimizer, model_sharded,
+                                 lambda request: load_sharded(path, request), step)
 
 
 def restore_projections(model, path: str) -> None:
