@@ -283,7 +283,15 @@ def select_steps(recipe: Recipe, only: Optional[str] = None,
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+    """A checkpoint of ours (either output format); for a recipe's teacher also a Megatron-LM
+    torch_dist checkpoint (see :func:`checkpoint_info`)."""
+    return os.path.isfile(os.path.join(_model_folder(path), CONFIG_FILE))
+
+
+def _model_folder(path: str) -> str:
+    from megatron_minitron.checkpoint import megatron_lm
+
+    return megatron_lm.resolve(path, strict=False)
 
 
 def step_done(step: Step) -> bool:
@@ -305,10 +313,10 @@ def check_inputs(recipe: Recipe, steps: List[Step]) -> None:
         for ref in step.refs:
             if ref in made:
                 continue
-            if ref == "teacher" and not is_checkpoint(recipe.teacher):
+            if ref == "teacher" and checkpoint_info(recipe.teacher) is None:
                 raise UsageError(f"teacher {recipe.teacher} is not a checkpoint (no "
-                                 f"{CONFIG_FILE}); make it with `minitron import-hf ... "
-                                 f"--output {recipe.teacher}`")
+                                 f"{CONFIG_FILE}, not a Megatron-LM checkpoint); make it with "
+                                 f"`minitron import-hf ... --output {recipe.teacher}`")
             if ref != "teacher" and not step_done(by_name[ref]):
                 raise UsageError(f"step {step.name} reads @{ref} ({by_name[ref].output}), which "
                                  f"does not exist yet; run step {ref} too")
@@ -316,5 +324,14 @@ def check_inputs(recipe: Recipe, steps: List[Step]) -> None:
 
 
 def checkpoint_info(path: str) -> Optional[Dict[str, Any]]:
-    """``minitron_config.json`` of a checkpoint (model config and meta), or None."""
-    return read_json(os.path.join(path, CONFIG_FILE)) if is_checkpoint(path) else None
+    """``minitron_config.json`` of a checkpoint (model config and meta) — for a Megatron-LM
+    checkpoint the same built from its saved args — or None."""
+    from megatron_minitron.checkpoint import megatron_lm
+
+    folder = _model_folder(path)
+    if megatron_lm.is_megatron_lm(folder):
+        try:
+            return megatron_lm.checkpoint_info(folder, path)
+        except UsageError:
+            return None
+    return read_json(os.path.join(folder, CONFIG_FILE)) if is_checkpoint(path) else None

@@ -314,3 +314,22 @@ def test_import_hf_to_megatron_and_back(tmp_path, monkeypatch, variant):
     exported = str(tmp_path / "exported")
     export_hf(out, exported)
     _assert_same_state(model.state_dict(), _load_hf(exported).state_dict())
+
+
+def test_a_recipe_starts_from_a_megatron_lm_teacher(saved, tmp_path, tiny_tokenizer_dir,
+                                                    capsys):
+    """The recipe's teacher may be a Megatron-LM save directory: its steps are checked and
+    planned from the saved args."""
+    import yaml
+
+    from megatron_minitron.cli import main as cli
+
+    save_dir, _ = saved
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "name": "from_megatron", "workdir": str(tmp_path / "work"), "teacher": str(save_dir),
+        "steps": [{"stage": "prune", "load": "@teacher", "random_init": True,
+                   "target": {"ffn_hidden_size": 64}}]}))
+    assert cli(["run", str(recipe), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "# step prune (prune): run" in out and "| prune | prune |" in out
