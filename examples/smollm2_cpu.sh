@@ -6,7 +6,9 @@
 #   bash examples/smollm2_cpu.sh            (WORK=outputs/smollm2 by default)
 # Environment: WORK (output folder), SAMPLES (calibration samples), SEQ (sequence length),
 # DEPTH_SAMPLES (set: also layer perplexity/BI on that many samples, a forward per layer each),
-# TOKENS (distillation tokens),
+# TOKENS (distillation tokens of every distill step; default: the recipe's),
+# RECIPE (default examples/smollm2_cpu.yaml; examples/smollm2_quarter_cpu.yaml prunes a quarter,
+# depth and width, and distills a random-init twin beside it),
 # LIMIT (items per zero-shot task), NPROC (ranks), TP, PP; DRY_RUN=1 prints the commands and
 # the recipe's steps only. A re-run skips every finished step.
 # Outputs in WORK: summary.md/.json (the table), metrics.png, distill_loss.png, importance.png,
@@ -17,13 +19,13 @@ WORK=${WORK:-outputs/smollm2}
 SAMPLES=${SAMPLES:-32}
 SEQ=${SEQ:-256}
 DEPTH_SAMPLES=${DEPTH_SAMPLES:-}
-TOKENS=${TOKENS:-12288}
+TOKENS=${TOKENS:-}
 LIMIT=${LIMIT:-50}
 NPROC=${NPROC:-1}
 TP=${TP:-1}
 PP=${PP:-1}
 DRY_RUN=${DRY_RUN:-0}
-RECIPE=$(dirname "$0")/smollm2_cpu.yaml
+RECIPE=${RECIPE:-$(dirname "$0")/smollm2_cpu.yaml}
 
 do_or_print() { if [ "$DRY_RUN" = 1 ]; then echo "$*"; else "$@"; fi; }
 
@@ -62,7 +64,8 @@ for step in data["steps"]:
         step.pop("depth", None)
         step["depth_samples"] = int(env["DEPTH_SAMPLES"])
     for key, name in settings.get(step["stage"], {}).items():
-        step[key] = int(env[name])
+        if env[name]:
+            step[key] = int(env[name])
     if "text_file" in step:
         step["text_file"] = [path.replace("~/.cache/megatron_minitron", env["ASSETS"])
                              for path in step["text_file"]]

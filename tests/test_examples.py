@@ -9,7 +9,8 @@ import pytest
 from test_launch import ROOT, commands, option, run_script, split_torchrun
 
 EXAMPLES = ROOT / "examples"
-RECIPES = sorted(EXAMPLES.rglob("*recipe.yaml")) + [EXAMPLES / "smollm2_cpu.yaml"]
+RECIPES = sorted(EXAMPLES.rglob("*recipe.yaml")) + [EXAMPLES / "smollm2_cpu.yaml",
+                                                    EXAMPLES / "smollm2_quarter_cpu.yaml"]
 COMMAND_OF = {"teacher_correction": "correct-teacher", "importance": "importance",
               "prune": "prune", "search": "search", "distill": "distill", "train": "train",
               "eval": "eval"}
