@@ -257,7 +257,7 @@ def test_earlier_optimizer_state_format_is_refused(resumed, tmp_path):
 
 def test_flat_range_boxes_cover_the_range_in_order():
     """The distributed optimizer's flat slice of a parameter, as boxes of the parameter."""
-    from megatron_minitron.adapter import _boxes
+    from megatron_minitron.optimizer_state import _boxes
 
     for shape, start, end in [((4, 3, 5), 7, 52), ((6, 8), 0, 48), ((6, 8), 13, 14), ((9,), 2, 7),
                               ((2, 3, 4), 5, 19)]:

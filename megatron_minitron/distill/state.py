@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from megatron_minitron import adapter, parallel
+from megatron_minitron import optimizer_state, parallel
 from megatron_minitron.checkpoint.io import is_checkpoint, load_extra_state, load_sharded
 from megatron_minitron.errors import UsageError
 
@@ -169,14 +169,14 @@ def optimizer_sharded(optimizer, model_sharded: Dict[str, Any]):
 
     ``model_sharded``: the sharded state dict of everything trained (student and projections).
     """
-    return (adapter.optimizer_state_sharded(optimizer, model_sharded),
-            adapter.optimizer_step(optimizer))
+    return (optimizer_state.optimizer_state_sharded(optimizer, model_sharded),
+            optimizer_state.optimizer_step(optimizer))
 
 
 def restore_optimizer(optimizer, model_sharded: Dict[str, Any], path: str, step: int) -> None:
     """Loads the optimizer state saved by :func:`optimizer_sharded` (any layout, either
     optimizer) and sets its ``step``."""
-    adapter.load_optimizer_state(optimizer, model_sharded,
+    optimizer_state.load_optimizer_state(optimizer, model_sharded,
                                  lambda request: load_sharded(path, request), step)
 
 
