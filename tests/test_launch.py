@@ -345,7 +345,7 @@ def test_shellcheck():
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         if os.environ.get("MINITRON_REQUIRE_ASSETS") == "1":
-            pytest.fail("shellcheck is not installed (apt-get install shellcheck)")
+            pytest.fail("shellcheck is not installed (pip install -e ".[test]" brings it)")
         pytest.skip("shellcheck is not installed")
     scripts = [str(path.relative_to(ROOT)) for path in shell_scripts()]
     assert len(scripts) >= 19

@@ -71,3 +71,18 @@ def test_save_tp2_load_tp1_and_pp2(reference):
     spawn(_check_layout, 2, ckpt, ref, 2, 1, tp2)
     spawn(_check_layout, 1, tp2, ref, 1, 1)
     spawn(_check_layout, 2, tp2, ref, 1, 2)
+
+
+def test_rank_before_the_group_exists_comes_from_the_launcher(monkeypatch):
+    """Under torchrun, rank-0-only work done before ``initialize`` (a search writing its config)
+    must stay on rank 0: rank 1 once wrote the same file concurrently and the rename failed."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert parallel.rank() == 1 and not parallel.is_rank0()
+    with pytest.raises(RuntimeError, match="before the process group exists"):
+        parallel.broadcast_object("x")
+    monkeypatch.setenv("RANK", "0")
+    assert parallel.is_rank0()

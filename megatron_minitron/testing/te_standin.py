@@ -14,8 +14,6 @@ the local spec's. Use it as::
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +21,6 @@ import torch.nn.functional as F
 from megatron_minitron import adapter
 from megatron_minitron.config import ModelConfig
 
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
 from megatron.core.transformer.transformer_block import (  # noqa: E402
@@ -64,31 +61,20 @@ class LayerNormColumnParallelLinear(ColumnParallelLinear):
 adapter.register_module_role(LayerNormColumnParallelLinear, adapter.FUSED_NORM_LINEAR)
 
 
-def _with_submodules(builder, **replacements):
-    """``builder`` (a ModuleSpec, or mcore 0.19's ``partial(cls, submodules=...)``) with some
-    of its submodules replaced."""
-    if isinstance(builder, functools.partial):
-        keywords = dict(builder.keywords)
-        keywords["submodules"] = dataclasses.replace(keywords["submodules"], **replacements)
-        return functools.partial(builder.func, *builder.args, **keywords)
-    return dataclasses.replace(builder, submodules=dataclasses.replace(builder.submodules,
-                                                                       **replacements))
-
-
 def te_shaped_spec(cfg: ModelConfig, config):
     """The layer spec (a :data:`adapter.LayerSpecFn`): TE's module layout on local modules.
 
     For a zero-centred LayerNorm it is the block's submodules, whose final norm is the same
     zero-centred norm the local spec uses (TE's own final norm, ``TENorm``, is one too).
     """
-    local = get_gpt_layer_local_spec(normalization=cfg.normalization)
-    spec = _with_submodules(
+    local = adapter.local_layer_spec(cfg)
+    spec = adapter.with_submodules(
         local,
         input_layernorm=IdentityOp,
         pre_mlp_layernorm=IdentityOp,
-        self_attention=_with_submodules(local.submodules.self_attention,
+        self_attention=adapter.with_submodules(local.submodules.self_attention,
                                         linear_qkv=LayerNormColumnParallelLinear),
-        mlp=_with_submodules(local.submodules.mlp, linear_fc1=LayerNormColumnParallelLinear),
+        mlp=adapter.with_submodules(local.submodules.mlp, linear_fc1=LayerNormColumnParallelLinear),
         sharded_state_dict_keys_map={},  # TE's own parameter names are the checkpoint's
     )
     if not cfg.layernorm_zero_centered_gamma:

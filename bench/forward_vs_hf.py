@@ -1,0 +1,160 @@
+"""Our mcore model against transformers on the same weights: forward, and forward + backward.
+
+    python bench/forward_vs_hf.py                        # the ~22M bench model (random weights)
+    python bench/forward_vs_hf.py --load TEACHER --name smollm2
+                                                         # a checkpoint, e.g. SmolLM2-135M from
+                                                         # `minitron import-hf`
+
+Both models hold the same weights (ours exported through the package's own Hugging Face mapping
+into a transformers model built in memory). The four measurements (ours/HF × forward/
+forward+backward) run interleaved round by round in one process, so machine noise hits all
+alike; each figure is the median of the rounds. Ours runs the path every stage uses: the forward
+through mcore's pipeline schedule (``model.forward.pipeline_forward``, logits collected), the
+backward on the per-token loss the training path computes. Prints a table and writes
+bench/results/forward_vs_hf[_NAME].json; goal: ours / transformers ≤ 1.0 for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import model_20m, print_table, write_result  # noqa: E402
+
+
+def _models(load, dtype):
+    from megatron_minitron import adapter, parallel
+    from megatron_minitron.checkpoint.io import load_checkpoint
+    from megatron_minitron.hf.mapping import hf_config_from, hf_state_from
+
+    parallel.initialize(1, 1)
+    if load:
+        ours, cfg = load_checkpoint(load)
+    else:
+        cfg = model_20m()
+        torch.manual_seed(0)
+        ours = adapter.build_gpt_model(cfg)
+    import transformers
+
+    hf_config = hf_config_from(cfg, torch.float32)
+    hf_config._attn_implementation = "sdpa"
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config)
+    missing, unexpected = hf.load_state_dict(hf_state_from(ours, cfg, torch.float32),
+                                             strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"weights do not map: missing {missing}, unexpected {unexpected}")
+    if dtype != torch.float32:
+        ours, hf = ours.to(dtype), hf.to(dtype)
+    return ours, hf, cfg
+
+
+def _passes(ours, hf, batches):
+    from megatron_minitron.compat.cpu import cuda_to_cpu
+    from megatron_minitron.model.forward import pipeline_forward, position_ids_for
+
+    def ours_forward():
+        pipeline_forward(ours, batches, lambda logits, batch: {"logits": logits})
+
+    def hf_forward():
+        hf.eval()
+        with torch.no_grad():
+            for batch in batches:
+                hf(batch["tokens"]).logits
+
+    def ours_backward():
+        ours.train()
+        with cuda_to_cpu():
+            for batch in batches:
+                tokens = batch["tokens"]
+                loss = ours(tokens, position_ids_for(tokens), None, labels=batch["labels"])
+                loss.float().mean().backward()
+        ours.zero_grad(set_to_none=True)
+
+    def hf_backward():
+        hf.train()
+        for batch in batches:
+            hf(batch["tokens"], labels=batch["labels"]).loss.backward()
+        hf.zero_grad(set_to_none=True)
+
+    return {"ours_forward": ours_forward, "hf_forward": hf_forward,
+            "ours_forward_backward": ours_backward, "hf_forward_backward": hf_backward}
+
+
+def _max_logit_difference(ours, hf, batch) -> float:
+    from megatron_minitron.model.forward import full_logits
+
+    mine = full_logits(ours, batch["tokens"], batch["tokens"].shape[0])
+    hf.eval()
+    with torch.no_grad():
+        theirs = hf(batch["tokens"]).logits
+    return float((mine.float() - theirs.float()).abs().max())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--load", help="checkpoint to measure (default: the ~22M bench model)")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--name", default=None, help="result file suffix")
+    args = parser.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+    from megatron_minitron.config import count_parameters
+
+    ours, hf, cfg = _models(args.load, dtype)
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randint(0, cfg.vocab_size, (args.samples, args.seq_length + 1),
+                         generator=generator)
+    mbs = args.micro_batch_size
+    batches = [{"tokens": data[i:i + mbs, :-1], "labels": data[i:i + mbs, 1:]}
+               for i in range(0, args.samples, mbs)]
+    difference = _max_logit_difference(ours, hf, batches[0])
+    passes = _passes(ours, hf, batches)
+    for fn in passes.values():  # warm-up
+        fn()
+    times = {name: [] for name in passes}
+    for _ in range(args.rounds):
+        for name, fn in passes.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    tokens = args.samples * args.seq_length
+    result = {
+        "model": ("checkpoint " + args.load) if args.load else "22M bench model",
+        "parameters": count_parameters(cfg)["total"], "dtype": args.dtype,
+        "tokens_per_round": tokens, "rounds": args.rounds, "micro_batch_size": mbs,
+        "max_logit_difference": difference,
+        "times_s": times,
+        "forward_ratio": median["ours_forward"] / median["hf_forward"],
+        "forward_backward_ratio": (median["ours_forward_backward"]
+                                   / median["hf_forward_backward"]),
+        "goal": "forward_ratio <= 1.0; forward_backward_ratio <= 1.0",
+    }
+    for name, seconds in median.items():
+        result[f"{name}_tokens_per_s"] = tokens / seconds
+    rows = [{"pass": pass_, "ours tok/s": f"{result[f'ours_{pass_}_tokens_per_s']:.0f}",
+             "transformers tok/s": f"{result[f'hf_{pass_}_tokens_per_s']:.0f}",
+             "ours / transformers (time)": f"{result[f'{pass_}_ratio']:.3f}"}
+            for pass_ in ("forward", "forward_backward")]
+    print(f"{result['model']}, {result['parameters']:,} parameters, {args.dtype}, "
+          f"{tokens} tokens per round, median of {args.rounds}; max |logit difference| "
+          f"{difference:.2e}")
+    print_table(rows, list(rows[0]))
+    suffix = f"_{args.name}" if args.name else ""
+    print("wrote", write_result("forward_vs_hf" + suffix, result))
+
+
+if __name__ == "__main__":
+    main()
