@@ -36,8 +36,9 @@ def best_of(fn: Callable[[], None], repeats: int) -> float:
     return min(times)
 
 
-def interleaved(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, float]:
-    """Minimum time of each fn, calls interleaved round-robin so machine noise hits all alike."""
+def interleaved_times(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, List[float]]:
+    """Wall times of each fn over ``repeats`` rounds (after one warm-up call each), the calls
+    interleaved round-robin so machine noise hits all alike."""
     for fn in fns.values():
         fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
@@ -46,7 +47,23 @@ def interleaved(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, f
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: min(values) for name, values in times.items()}
+    return times
+
+
+def interleaved(fns: Dict[str, Callable[[], None]], repeats: int,
+                stat: Callable[[List[float]], float] = min) -> Dict[str, float]:
+    """``stat`` (default the minimum) of each fn's interleaved times."""
+    return {name: stat(values) for name, values in interleaved_times(fns, repeats).items()}
+
+
+def matmul_flops_per_s(dtype: torch.dtype = torch.float32, size: int = 2048,
+                       repeats: int = 5) -> float:
+    """This machine's dense matrix-multiply rate (FLOP/s, best of ``repeats``) at the current
+    thread count: the ceiling the model stages are set against."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    seconds = best_of(lambda: torch.mm(a, b), repeats)
+    return 2 * size ** 3 / seconds
 
 
 def peak_rss_mb() -> float:

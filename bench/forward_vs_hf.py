@@ -20,13 +20,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import model_20m, print_table, write_result  # noqa: E402
+from common import (interleaved_times, matmul_flops_per_s, model_20m, print_table,  # noqa: E402
+                    write_result)
 
 
 def _models(load, dtype):
@@ -120,15 +120,7 @@ def main():
     batches = [{"tokens": data[i:i + mbs, :-1], "labels": data[i:i + mbs, 1:]}
                for i in range(0, args.samples, mbs)]
     difference = _max_logit_difference(ours, hf, batches[0])
-    passes = _passes(ours, hf, batches)
-    for fn in passes.values():  # warm-up
-        fn()
-    times = {name: [] for name in passes}
-    for _ in range(args.rounds):
-        for name, fn in passes.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    times = interleaved_times(_passes(ours, hf, batches), args.rounds)
     median = {name: statistics.median(values) for name, values in times.items()}
     tokens = args.samples * args.seq_length
     result = {
@@ -144,13 +136,23 @@ def main():
     }
     for name, seconds in median.items():
         result[f"{name}_tokens_per_s"] = tokens / seconds
+    # against this machine's matrix-multiply rate in the same dtype: 2N FLOPs per token forward,
+    # 6N forward + backward (N = parameters outside the embedding lookup)
+    ceiling = matmul_flops_per_s(dtype)
+    weights = result["parameters"] - (0 if cfg.tie_word_embeddings else
+                                      cfg.vocab_size * cfg.hidden_size)
+    result["matmul_gflops"] = ceiling / 1e9
+    for name in median:
+        per_token = (6 if name.endswith("backward") else 2) * weights
+        result[f"{name}_of_ceiling"] = result[f"{name}_tokens_per_s"] * per_token / ceiling
     rows = [{"pass": pass_, "ours tok/s": f"{result[f'ours_{pass_}_tokens_per_s']:.0f}",
              "transformers tok/s": f"{result[f'hf_{pass_}_tokens_per_s']:.0f}",
-             "ours / transformers (time)": f"{result[f'{pass_}_ratio']:.3f}"}
+             "ours / transformers (time)": f"{result[f'{pass_}_ratio']:.3f}",
+             "ours of matmul ceiling": f"{result[f'ours_{pass_}_of_ceiling']:.0%}"}
             for pass_ in ("forward", "forward_backward")]
     print(f"{result['model']}, {result['parameters']:,} parameters, {args.dtype}, "
           f"{tokens} tokens per round, median of {args.rounds}; max |logit difference| "
-          f"{difference:.2e}")
+          f"{difference:.2e}; matmul ceiling {result['matmul_gflops']:.0f} GFLOP/s")
     print_table(rows, list(rows[0]))
     suffix = f"_{args.name}" if args.name else ""
     print("wrote", write_result("forward_vs_hf" + suffix, result))

@@ -2,12 +2,13 @@
 
     python bench/run_all.py                 # each benchmark at its own (small) default size
     python bench/run_all.py --quick         # smaller inputs (importance_quick.json, ...)
-    python bench/run_all.py --only prune    # a subset (importance, prune, distill, prune_quality)
+    python bench/run_all.py --only prune    # a subset (importance, prune, distill, prune_quality,
+                                            # forward_vs_hf)
     python bench/run_all.py --summary-only  # no runs: summarise bench/results/*.json as they are
 
-Runs bench/importance.py, bench/prune.py and bench/distill.py (when it exists), each in its own
-process, then reads every bench/results/*.json, prints one row per result (the device it came
-from, its key figures, its goal and which goal clauses hold) and writes
+Runs bench/importance.py, bench/prune.py, bench/distill.py and bench/forward_vs_hf.py, each in
+its own process, then reads every bench/results/*.json, prints one row per result (the device it
+came from, its key figures, its goal and which goal clauses hold) and writes
 bench/results/summary.json. bench/prune_quality.py (the real SmolLM2-135M, minutes) runs only
 when named with --only.
 """
@@ -34,10 +35,12 @@ BENCHMARKS: Dict[str, tuple] = {
     "prune": ("prune.py", ["--name", "quick"]),
     "distill": ("distill.py", []),
     "prune_quality": ("prune_quality.py", ["--calib-samples", "16", "--eval-samples", "8"]),
+    "forward_vs_hf": ("forward_vs_hf.py", ["--samples", "4", "--seq-length", "128", "--rounds",
+                                           "3", "--name", "quick"]),
 }
-DEFAULT = ("importance", "prune", "distill")
-FIGURE = re.compile(r"(ratio|_s$|_mb$|tokens_per_s|loss)")  # kept in summary.json
-HEADLINE = re.compile(r"(ratio|tokens_per_s|loss|extra)")  # printed in the table
+DEFAULT = ("importance", "prune", "distill", "forward_vs_hf")
+FIGURE = re.compile(r"(ratio|_s$|_mb$|tokens_per_s|loss|ceiling|gflops)")  # kept in summary.json
+HEADLINE = re.compile(r"(ratio|tokens_per_s|loss|extra|ceiling)")  # printed in the table
 CLAUSE = re.compile(r"^\s*([A-Za-z_]\w*)\s*(<=|>=|<|>)\s*([-+0-9.eE]+)\s*$")
 
 

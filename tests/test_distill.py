@@ -50,7 +50,8 @@ def train_config(models, output, **overrides):
     values = dict(teacher=os.path.join(root, "teacher"), student=os.path.join(root, "student"),
                   output=output, text_file=[text], seq_length=16, train_tokens=STEPS * 4 * 16,
                   global_batch_size=4, micro_batch_size=1, lr=2e-3, lr_warmup_steps=1,
-                  intermediate=PAIRS, eval_interval=2, save_interval=2, keep_checkpoints=3)
+                  intermediate=PAIRS, eval_interval=2, save_interval=2, keep_checkpoints=3,
+                  keep_optimizer_state=True)
     values.update(overrides)
     return TrainConfig(**values)
 

@@ -64,7 +64,8 @@ def _wait_for_step(output, step, process, timeout=300):
 def test_sigkill_and_rerun_reproduces_losses(distill_models, tmp_path):
     reference, killed = str(tmp_path / "reference"), str(tmp_path / "killed")
     command = _command(distill_models, killed, "--resume", "auto")
-    uninterrupted = _launch(_command(distill_models, reference, "--resume", "auto"))
+    uninterrupted = _launch(_command(distill_models, reference, "--resume", "auto",
+                                     "--keep-optimizer-state"))
     victim = _launch(command)
     _wait_for_step(killed, 6, victim)
     os.killpg(victim.pid, signal.SIGKILL)  # the whole job, mid-run after the step-4 checkpoint
@@ -78,8 +79,15 @@ def test_sigkill_and_rerun_reproduces_losses(distill_models, tmp_path):
         record.pop("seconds", None)
     assert resumed == expected
     assert len([r for r in expected if r["split"] == "train"]) == STEPS
-    assert sorted(os.listdir(os.path.join(killed, "checkpoints"))) == \
-        ["iter_0000008", "iter_0000010", "latest"]
+    assert sorted(os.listdir(os.path.join(reference, "checkpoints"))) == \
+        ["iter_0000008", "iter_0000010", "latest"]  # --keep-optimizer-state
+    # by default a finished run keeps only its model; re-running it trains nothing
+    assert sorted(os.listdir(killed)) == ["final", "log.jsonl", "run.json"]
+    final = os.path.join(killed, "final", "minitron_config.json")
+    stamp, log = os.path.getmtime(final), _log(killed)
+    output = _finish(_launch(command))
+    assert "already trained to step 10" in output
+    assert _log(killed) == log and os.path.getmtime(final) == stamp
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -221,12 +221,19 @@ def test_two_ranks_equal_one(workspace):
     spawn(_two_rank_job, 2, ckpt, requests, str(root / "layouts.pt"),
           argv + [str(root / "two.json")])
     results = torch.load(str(root / "layouts.pt"))
-    assert results["dp2"] == one and results["pp2"] == one  # bit-identical
-    assert [g for _, g in results["tp2"]] == [g for _, g in one]
-    torch.testing.assert_close(torch.tensor([lp for lp, _ in results["tp2"]]),
-                               torch.tensor([lp for lp, _ in one]), rtol=1e-5, atol=1e-5)
+    # equal up to float summation order (fused attention pads each micro-batch differently)
+    for layout in ("dp2", "pp2", "tp2"):
+        assert [g for _, g in results[layout]] == [g for _, g in one], layout
+        torch.testing.assert_close(torch.tensor([lp for lp, _ in results[layout]]),
+                                   torch.tensor([lp for lp, _ in one]), rtol=1e-5, atol=1e-5)
     one_json, two_json = (json.loads((root / f"{n}.json").read_text()) for n in ("one", "two"))
-    assert one_json["tasks"] == two_json["tasks"] and two_json["layout"] == "TP=1 PP=1 DP=2"
+    assert two_json["layout"] == "TP=1 PP=1 DP=2"
+    assert one_json["tasks"].keys() == two_json["tasks"].keys()
+    for name, metrics in one_json["tasks"].items():
+        assert two_json["tasks"][name].keys() == metrics.keys()
+        for key, value in metrics.items():
+            expected = pytest.approx(value, rel=1e-5) if isinstance(value, float) else value
+            assert two_json["tasks"][name][key] == expected, (name, key)
     assert "loss" not in one_json and one_json["tasks"]["lambada"]["items"] == 3
 
 

@@ -8,6 +8,7 @@ import shlex
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -342,10 +343,12 @@ def shell_scripts():
 
 
 def test_shellcheck():
-    shellcheck = shutil.which("shellcheck")
+    beside_python = Path(sys.executable).parent / "shellcheck"  # the venv's, not activated
+    shellcheck = shutil.which("shellcheck") or (str(beside_python) if beside_python.is_file()
+                                                else None)
     if shellcheck is None:
         if os.environ.get("MINITRON_REQUIRE_ASSETS") == "1":
-            pytest.fail("shellcheck is not installed (pip install -e ".[test]" brings it)")
+            pytest.fail('shellcheck is not installed (pip install -e ".[test]" brings it)')
         pytest.skip("shellcheck is not installed")
     scripts = [str(path.relative_to(ROOT)) for path in shell_scripts()]
     assert len(scripts) >= 19

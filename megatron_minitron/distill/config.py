@@ -102,7 +102,10 @@ class TrainConfig:
     save_interval: int = 0
     """Steps between checkpoints (0: only at the end)."""
     keep_checkpoints: int = 2
-    """Most recent checkpoints kept in OUTPUT/checkpoints."""
+    """Most recent checkpoints kept in OUTPUT/checkpoints while the run goes on."""
+    keep_optimizer_state: bool = False
+    """Keep OUTPUT/checkpoints (weights and optimizer state, about three times the model's
+    size) after the run finished; by default only the trained model in OUTPUT/final stays."""
     resume: Optional[str] = field(default=None, metadata={"choices": ("auto",)})
     """auto: continue the run in --output from its latest checkpoint (a fresh start if none)."""
     output_format: str = field(default="minitron", metadata={"choices": ("minitron", "megatron")})

@@ -207,6 +207,9 @@ def build_run(trainer) -> RunState:
         trainer, tokenizer, parallel_state.get_data_parallel_rank(), layout.dp, start_step)
     student_dtype, teacher_dtype = dtypes(config.precision)
     resume_dir = state.iteration_dir(config.output, start_step) if start_step else None
+    finished = resume_dir is not None and not os.path.isdir(resume_dir)
+    if finished:  # the run ended and its optimizer state was dropped: the final model only
+        resume_dir = os.path.join(config.output, state.FINAL)
     student_fields, ddp_fields = gpu_features(config, trainer.student_cfg, student_dtype, True,
                                               layout.dp)
     student = adapter.build_gpt_model(trainer.student_cfg, params_dtype=student_dtype,
@@ -223,7 +226,7 @@ def build_run(trainer) -> RunState:
                                          trainer.teacher_cfg, trainer.pairs,
                                          config.intermediate_loss, config.seed, ddp_fields)
     optimizer, scheduler = _optimizer(trainer, ddp_model, student_dtype, layout.dp)
-    if resume_dir:
+    if resume_dir and not finished:
         _restore(trainer, model, optimizer, scheduler, resume_dir, start_step)
     ddp_model.train()
     parallel.log_rank0(

@@ -115,7 +115,27 @@ def check_output(output: str, identity: Dict[str, Any], resume: Optional[str]) -
     step = latest_step(output)
     if step is not None:
         _check_optimizer_format(iteration_dir(output, step))
-    return step
+        return step
+    return finished_step(output)
+
+
+def finished_step(output: str) -> Optional[int]:
+    """The step of the run's final model (a finished run whose training checkpoints were
+    dropped), or None."""
+    from megatron_minitron.checkpoint.io import is_checkpoint, read_checkpoint_info
+
+    final = os.path.join(output, FINAL)
+    if not is_checkpoint(final):
+        return None
+    step = read_checkpoint_info(final).get("meta", {}).get("step")
+    return int(step) if step else None
+
+
+def drop_training_checkpoints(output: str) -> None:
+    """Rank 0, after the final model is written: deletes OUTPUT/checkpoints (weights and
+    optimizer state of the last steps)."""
+    if parallel.is_rank0():
+        shutil.rmtree(os.path.join(output, CHECKPOINTS), ignore_errors=True)
 
 
 def _check_optimizer_format(path: str) -> None:

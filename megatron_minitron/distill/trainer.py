@@ -198,9 +198,13 @@ class Trainer:
                     self.save(step)
             if run.start_step < total_steps or not os.path.isdir(self.final_dir()):
                 progress.validation(total_steps, self.evaluate())
-                if state.latest_step(config.output) != total_steps:
+                if config.keep_optimizer_state and \
+                        state.latest_step(config.output) != total_steps:
                     self.save(total_steps)
                 self.save_final(total_steps)
+            if not config.keep_optimizer_state:
+                parallel.barrier()
+                state.drop_training_checkpoints(config.output)
         finally:
             progress.close()
         return report

@@ -1,4 +1,4 @@
-"""Core attention for the local layer spec through ``torch.nn.functional.scaled_dot_product_attention``.
+"""Core attention of the local layer spec through torch's ``scaled_dot_product_attention``.
 
 mcore's local ``DotProductAttention`` materialises the scores with ``baddbmm``, repeats the key
 and value heads for grouped-query attention, and runs a separate masked softmax. On the CPU that

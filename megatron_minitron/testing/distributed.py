@@ -10,7 +10,23 @@ import torch.multiprocessing as mp
 from megatron_minitron.parallel import free_port
 
 
-def _entry(local_rank, world_size, port, fn, args, error_queue):
+PRELOAD = ["torch", "megatron_minitron.adapter", "megatron_minitron.distill.trainer",
+           "megatron_minitron.importance.estimate"]
+"""Imported once by the fork server; each rank starts as a fork of it (seconds saved per rank)."""
+
+
+def _context():
+    """The fork server context with the package preloaded (spawn where there is no fork)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _entry(local_rank, world_size, port, fn, args, error_queue, environ):
+    os.environ.clear()  # the fork server's environment is the one it started with: use ours
+    os.environ.update(environ)
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank),
                       WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
@@ -34,10 +50,11 @@ def spawn(fn, world_size: int, *args) -> None:
     ``fn`` must be importable (module level). Each process gets torchrun-style environment
     variables, so ``megatron_minitron.parallel.initialize`` joins the group.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, errors))
+    environ = dict(os.environ)
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, errors, environ))
              for r in range(world_size)]
     for proc in procs:
         proc.start()
