@@ -70,7 +70,7 @@ def build_recipe(work: str, teacher: str, docs: str, args) -> dict:
     steps += [dict(stage="prune", name="prune_width", load="@teacher", scores="@importance",
                    target=WIDTH, head_add_back=False),
               dict(stage="prune", name="prune_width_addback", load="@teacher",
-                   scores="@importance", target=WIDTH, head_add_back=True),
+                   scores="@importance", target=WIDTH, head_add_back="output"),
               dict(stage="prune", name="prune_depth", load="@teacher", scores="@importance",
                    target=DEPTH, depth_metric="ppl")]
     for aggregation in AGGREGATIONS[1:]:
@@ -367,8 +367,11 @@ def write_page(work: str, args) -> str:
                      "2407.14679 (§2.2) adds pruned heads' residual back into the kept heads. "
                      f"Here, after distillation: add-back {on:.3f} vs none {off:.3f} held-out "
                      "loss")
-        page.add("The default keeps add-back on, as the method specifies; "
-                 "`--no-head-add-back` turns it off.", "")
+        page.add("These runs use the output form (`--head-add-back output`): the kept heads' "
+                 "output-projection columns. For grouped-query attention §2.2 "
+                 "applies the residual to the query heads only (`--head-add-back query`), which "
+                 "these runs do not measure; `bench/head_add_back.py` compares none, query and "
+                 "output. `--no-head-add-back` turns add-back off.", "")
 
     # (5) teacher correction
     page.add("## 5. Teacher correction", "")

@@ -140,15 +140,25 @@ def _save_at_tp2(ckpt, out):
     io.save_checkpoint(model, cfg, out)
 
 
-def test_source_saved_at_tp2_prunes_the_same(source):
+@pytest.mark.parametrize("head_add_back", ["none", "query", "output"])
+@pytest.mark.parametrize("target", [
+    {"ffn_hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2},  # whole groups
+    {"ffn_hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 4},  # inside groups
+], ids=["groups", "heads"])
+def test_source_saved_at_tp2_prunes_the_same(source, target, head_add_back):
     root, ckpt, model, cfg, scores = source
     tp2 = str(root / "source_tp2")
-    spawn(_save_at_tp2, 2, ckpt, tp2)
-    target = {"ffn_hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2}
-    prune_checkpoint(ckpt, scores, target, str(root / "from_tp1"))
-    prune_checkpoint(tp2, scores, target, str(root / "from_tp2"))
-    a, _ = io.load_checkpoint(str(root / "from_tp1"))
-    b, _ = io.load_checkpoint(str(root / "from_tp2"))
+    if not io.is_checkpoint(tp2):
+        spawn(_save_at_tp2, 2, ckpt, tp2)
+    name = f"{target['num_query_groups']}_{head_add_back}"
+    plan = prune_checkpoint(ckpt, scores, target, str(root / f"from_tp1_{name}"),
+                            head_add_back=head_add_back)
+    if target["num_query_groups"] == 4 and head_add_back != "none":
+        assert all(layer.add_back for layer in plan.layers)  # pairs to add back exist
+    prune_checkpoint(tp2, scores, target, str(root / f"from_tp2_{name}"),
+                     head_add_back=head_add_back)
+    a, _ = io.load_checkpoint(str(root / f"from_tp1_{name}"))
+    b, _ = io.load_checkpoint(str(root / f"from_tp2_{name}"))
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         if torch.is_tensor(x):
             assert torch.equal(x, y), name

@@ -41,8 +41,8 @@ def test_recipe_is_valid_and_fair(tmp_path):
     assert parse_step(steps["train_width_ce"]).ce_only
     assert parse_step(steps["distill_width_corrected"]).teacher.endswith(
         os.path.join("teacher_correction", "final"))
-    assert parse_step(steps["prune_width"]).head_add_back is False
-    assert parse_step(steps["prune_width_addback"]).head_add_back is True
+    assert parse_step(steps["prune_width"]).head_add_back == "none"
+    assert parse_step(steps["prune_width_addback"]).head_add_back == "output"
     width = count_parameters(target_config(SMOLLM2, results.WIDTH))["total"]
     depth = count_parameters(target_config(SMOLLM2, results.DEPTH))["total"]
     assert abs(width - depth) / width < 0.01

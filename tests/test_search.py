@@ -149,3 +149,28 @@ def test_search_retrains_ranks_and_resumes(distill_models, tmp_path):
 
     changed = _search_args(distill_models, tmp_path, output, "--retrain-tokens", "128")
     assert cli.main(changed) == 2  # the output holds a search with other settings
+
+
+def test_a_search_written_with_the_former_switch_resumes_with_its_mode(distill_models, tmp_path):
+    """search_config.json of a search run when head add-back was on/off (a boolean) matches
+    the mode it meant (output/none) and no other."""
+    from megatron_minitron.commands.search import _settings
+    from megatron_minitron.distill.config import TrainConfig
+    from megatron_minitron.search.runner import CONFIG_FILE, Search
+
+    output = str(tmp_path / "s")
+
+    def search(*extra):
+        args = cli.build_parser(only="search").parse_args(
+            _search_args(distill_models, tmp_path, output, "--no-retrain", *extra))
+        return Search(_settings(args), TrainConfig.from_args(args))
+
+    identity = search().identity()
+    assert identity["head_add_back"] == "output"
+    for former, same, other in ((True, "output", "query"), (False, "none", "output")):
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, CONFIG_FILE), "w") as handle:
+            json.dump(dict(identity, head_add_back=former), handle)
+        search("--head-add-back", same)
+        with pytest.raises(UsageError, match=r"other settings \(head_add_back\)"):
+            search("--head-add-back", other)

@@ -156,7 +156,7 @@ def _prune_both(source, root):
     from megatron_minitron import adapter
     from megatron_minitron.checkpoint import io
     from megatron_minitron.importance import ImportanceConfig, estimate_importance
-    from megatron_minitron.prune import prune_checkpoint, prune_state_dict
+    from megatron_minitron.prune import plan_pruning, prune_checkpoint, prune_state_dict
 
     parallel.initialize(1, 1)
     with _spec(_specs()["te"]):
@@ -197,10 +197,14 @@ def _prune_both(source, root):
 
     state = lambda m: {k: v for k, v in m.state_dict().items()  # noqa: E731
                        if torch.is_tensor(v) and not k.endswith("_extra_state")}
-    pruned_te = {local_name(k): v for k, v in prune_state_dict(state(te), plan).items()}
-    pruned_local = prune_state_dict(state(local), plan)
-    assert pruned_te.keys() == pruned_local.keys()
-    assert all(torch.equal(pruned_te[k], pruned_local[k]) for k in pruned_local)
+    for mode in ("none", "query", "output"):  # every head add-back mode (TARGET pairs heads)
+        mode_plan = plan_pruning(cfg, scores, TARGET, head_add_back=mode)
+        assert all(layer.add_back for layer in mode_plan.layers) == (mode != "none")
+        pruned_te = {local_name(k): v
+                     for k, v in prune_state_dict(state(te), mode_plan).items()}
+        pruned_local = prune_state_dict(state(local), mode_plan)
+        assert pruned_te.keys() == pruned_local.keys()
+        assert all(torch.equal(pruned_te[k], pruned_local[k]) for k in pruned_local)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -38,6 +38,23 @@ def add_output_format_argument(parser) -> None:
                              "command also loads")
 
 
+def add_head_add_back_arguments(parser) -> None:
+    """``--head-add-back [none|query|output]`` and ``--no-head-add-back`` (= none); a bare
+    ``--head-add-back`` is ``output``, the form of the former on/off switch. The value is
+    checked by :func:`megatron_minitron.prune.head_add_back_mode` (one-line error)."""
+    from megatron_minitron.prune.plan import DEFAULT_HEAD_ADD_BACK, HEAD_ADD_BACK_MODES
+
+    modes = "|".join(HEAD_ADD_BACK_MODES)
+    parser.add_argument("--head-add-back", nargs="?", const="output",
+                        default=DEFAULT_HEAD_ADD_BACK, metavar=modes,
+                        help="where kept heads take the residual of pruned heads of their query "
+                             "group: query (their query rows of the fused QKV), output (their "
+                             "output-projection columns) or none (default "
+                             f"{DEFAULT_HEAD_ADD_BACK}; bare: output)")
+    parser.add_argument("--no-head-add-back", dest="head_add_back", action="store_const",
+                        const="none", help="no head add-back (= --head-add-back none)")
+
+
 def add_tokenizer_argument(parser) -> None:
     parser.add_argument("--tokenizer", metavar="DIR",
                         help="Hugging Face tokenizer folder (default: the checkpoint's own; "

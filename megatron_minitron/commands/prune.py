@@ -12,7 +12,6 @@ exports to Hugging Face.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
@@ -21,6 +20,7 @@ from megatron_minitron.cli import add_layout_arguments
 from megatron_minitron.commands.common import (
     ModelLookup,
     add_data_arguments,
+    add_head_add_back_arguments,
     add_output_format_argument,
     check_data_arguments,
     existing_model,
@@ -47,9 +47,7 @@ def add_arguments(parser, name):
     depth.add_argument("--depth-metric", choices=("ppl", "bi", "block_bi"), default="ppl",
                        help="how layers are chosen when num_layers shrinks (default ppl)")
     depth.add_argument("--drop-layers", help="comma-separated source layers to drop (0-based)")
-    parser.add_argument("--head-add-back", action=argparse.BooleanOptionalAction, default=True,
-                        help="add pruned heads' residual into kept heads (default on; "
-                             "--no-head-add-back turns it off)")
+    add_head_add_back_arguments(parser)
     parser.add_argument("--target-tp", "--target-tensor-model-parallel-size", dest="target_tp",
                         type=int, default=1, help="TP the output must divide into (default 1)")
     parser.add_argument("--target-pp", "--target-pipeline-model-parallel-size", dest="target_pp",
@@ -79,8 +77,9 @@ def validate(args, model_config: ModelLookup = existing_model):
     """Every check before any weight is read (``minitron run`` runs it for each step up
     front); returns ``(target, drop_layers)``."""
     from megatron_minitron.prune import parse_target
-    from megatron_minitron.prune.plan import target_config
+    from megatron_minitron.prune.plan import head_add_back_mode, target_config
 
+    head_add_back_mode(args.head_add_back)
     target = parse_target(args.target)
     drop = parse_drop_layers(args.drop_layers)
     source = model_config(args.load)

@@ -13,10 +13,9 @@ and ``search.png`` hold the ranking. Retraining flags are those of ``minitron di
 
 from __future__ import annotations
 
-import argparse
-
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
+from megatron_minitron.commands.common import add_head_add_back_arguments
 from megatron_minitron.distill.config import TrainConfig, add_config_arguments
 
 
@@ -39,8 +38,7 @@ def add_arguments(parser, name):
     group.add_argument("--teacher", help="teacher of the retraining (default --load)")
     group.add_argument("--depth-metric", choices=("ppl", "bi", "block_bi"), default="ppl",
                        help="how layers are chosen when num_layers shrinks (default ppl)")
-    group.add_argument("--head-add-back", action=argparse.BooleanOptionalAction, default=True,
-                       help="add pruned heads' residual into kept heads (default on)")
+    add_head_add_back_arguments(group)
     group.add_argument("--max-candidates", type=int, default=16,
                        help="refuse spaces with more candidates than this (default 16)")
     group.add_argument("--output", required=True, help="search directory (re-runs resume)")

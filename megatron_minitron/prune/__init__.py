@@ -4,10 +4,13 @@ layers, streamed over checkpoints saved at any layout."""
 from megatron_minitron.prune.api import describe_counts, plan_pruning, prune_checkpoint  # noqa: F401
 from megatron_minitron.prune.apply import prune_state_dict  # noqa: F401
 from megatron_minitron.prune.plan import (  # noqa: F401
+    DEFAULT_HEAD_ADD_BACK,
     DEPTH_METRICS,
+    HEAD_ADD_BACK_MODES,
     TARGET_KEYS,
     PrunePlan,
     build_plan,
+    head_add_back_mode,
     parse_target,
     target_config,
 )

@@ -23,7 +23,13 @@ from megatron_minitron.checkpoint.stream import (
 from megatron_minitron.config import ModelConfig, count_parameters
 from megatron_minitron.errors import UsageError
 from megatron_minitron.prune.apply import prune_global_tensor, prune_layer_tensor
-from megatron_minitron.prune.plan import PrunePlan, build_plan, target_config
+from megatron_minitron.prune.plan import (
+    DEFAULT_HEAD_ADD_BACK,
+    PrunePlan,
+    build_plan,
+    head_add_back_mode,
+    target_config,
+)
 
 logger = logging.getLogger("megatron_minitron")
 
@@ -38,8 +44,10 @@ def describe_counts(cfg: ModelConfig) -> str:
 
 def plan_pruning(source: ModelConfig, scores: Dict[str, Any], target: Dict[str, int],
                  depth_metric: Optional[str] = "ppl", drop_layers: Optional[Sequence[int]] = None,
-                 head_add_back: bool = True, target_tp: int = 1, target_pp: int = 1) -> PrunePlan:
+                 head_add_back: Union[bool, str] = DEFAULT_HEAD_ADD_BACK, target_tp: int = 1,
+                 target_pp: int = 1) -> PrunePlan:
     """Checks the request and chooses what to keep (no weights touched)."""
+    head_add_back = head_add_back_mode(head_add_back)
     if drop_layers is not None:
         target = dict(target)
         expected = source.num_layers - len(drop_layers)
@@ -96,7 +104,8 @@ def _global_specs(reader: CheckpointReader, plan: PrunePlan, chunk_bytes: int = 
 
 def prune_checkpoint(load: str, scores: Union[str, Dict[str, Any]], target: Dict[str, int],
                      output: str, depth_metric: Optional[str] = "ppl",
-                     drop_layers: Optional[Sequence[int]] = None, head_add_back: bool = True,
+                     drop_layers: Optional[Sequence[int]] = None,
+                     head_add_back: Union[bool, str] = DEFAULT_HEAD_ADD_BACK,
                      target_tp: int = 1, target_pp: int = 1, output_format: str = "minitron",
                      tokenizer: Optional[str] = None) -> PrunePlan:
     """Prunes checkpoint ``load`` to ``target`` using ``scores`` and writes ``output``.
@@ -109,7 +118,9 @@ def prune_checkpoint(load: str, scores: Union[str, Dict[str, Any]], target: Dict
         output: new checkpoint directory (must be new, empty or ours).
         depth_metric: ppl, bi or block_bi — how layers are chosen when num_layers shrinks.
         drop_layers: explicit source layers to drop instead of a metric.
-        head_add_back: add pruned heads' residual back into kept heads.
+        head_add_back: where kept heads take their pruned partners' residual: ``none``,
+            ``query`` (query rows of the fused QKV) or ``output`` (output-projection columns);
+            ``True`` means ``output`` and ``False`` ``none``.
         target_tp, target_pp: the layout the output must divide into.
         output_format: ``minitron`` (ours) or ``megatron`` (a Megatron-LM checkpoint,
             :mod:`megatron_minitron.checkpoint.megatron_lm`).
@@ -130,7 +141,7 @@ def prune_checkpoint(load: str, scores: Union[str, Dict[str, Any]], target: Dict
     layer_specs = _layer_specs(reader, plan)
     meta = {"pruned_from": os.path.abspath(load), "kept_layers": plan.kept_layers,
             "depth_metric": None if drop_layers is not None else depth_metric,
-            "head_add_back": head_add_back,
+            "head_add_back": plan.head_add_back,
             "scores_aggregation": scores.get("meta", {}).get("aggregation")}
     tokenizer = tokenizer or (load if io.tokenizer_dir(load) else None)
     write = write_streaming_checkpoint

@@ -6,9 +6,16 @@ columns, attention projection and FC2 output rows (and their biases), the untied
 columns. The per-head query/key norms (Qwen3's ``qk_layernorm``) span one head's channels, which
 no target changes, so they are kept whole.
 
-Head add-back (on by default): for each (kept i, pruned j) pair inside a query group, the kept
-head's output-projection columns become ``W_o[:, i] + (W_o[:, i] − W_o[:, j])`` — the paper's
-head_i + (head_i − head_{2K−i+1}) applied to what each head writes into the residual stream.
+Head add-back: for each (kept i, pruned j) pair inside a query group (the paper's
+head_i + (head_i − head_{2K−i+1}), see :mod:`megatron_minitron.prune.plan`), before any row or
+column is dropped,
+
+* ``query``: the kept head's rows of the fused QKV weight (and bias) become
+  ``Q_i + (Q_i − Q_j)``, where ``Q_h`` are query head h's rows; K/V rows are untouched;
+* ``output``: the kept head's output-projection columns become
+  ``W_o[:, i] + (W_o[:, i] − W_o[:, j])``, applied to what each head writes into the residual
+  stream.
+
 Heads of whole pruned query groups are not added back (their K/V leave with them).
 """
 
@@ -28,6 +35,15 @@ HEAD_NORM_PREFIXES = ("self_attention.q_layernorm.", "self_attention.k_layernorm
 
 def _index(values: List[int]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long)
+
+
+def query_rows(plan: PrunePlan, head: int) -> slice:
+    """Rows of query head ``head`` (a source global index) in the fused QKV weight, whose rows
+    go group by group, each group [its query heads…, k, v] (``adapter.attention_qkv``)."""
+    d, per_group = plan.source.kv_channels, plan.source.heads_per_group
+    group, local = divmod(head, per_group)
+    start = group * (per_group + 2) * d + local * d
+    return slice(start, start + d)
 
 
 def qkv_rows(plan: PrunePlan, layer: LayerPlan) -> List[int]:
@@ -50,9 +66,21 @@ def head_columns(plan: PrunePlan, heads: List[int]) -> List[int]:
     return [c for head in heads for c in range(head * d, (head + 1) * d)]
 
 
-def _add_back(weight: torch.Tensor, plan: PrunePlan, layer: LayerPlan) -> torch.Tensor:
+def _add_back_query(tensor: torch.Tensor, plan: PrunePlan, layer: LayerPlan) -> torch.Tensor:
+    """Fused QKV weight [groups*(heads_per_group+2)*d, h] or bias with pruned heads' query
+    residual added into the kept heads' query rows."""
+    if plan.head_add_back != "query" or not layer.add_back:
+        return tensor
+    tensor = tensor.clone()
+    for kept, pruned in layer.add_back:
+        rows_i, rows_j = query_rows(plan, kept), query_rows(plan, pruned)
+        tensor[rows_i] = tensor[rows_i] + (tensor[rows_i] - tensor[rows_j])
+    return tensor
+
+
+def _add_back_output(weight: torch.Tensor, plan: PrunePlan, layer: LayerPlan) -> torch.Tensor:
     """[h, heads*d] output projection with pruned heads' residual added into kept heads."""
-    if not layer.add_back:
+    if plan.head_add_back != "output" or not layer.add_back:
         return weight
     d = plan.source.kv_channels
     weight = weight.clone()
@@ -74,11 +102,12 @@ def prune_layer_tensor(suffix: str, tensor: torch.Tensor, plan: PrunePlan,
     if adapter.is_norm_parameter(suffix):  # standalone or fused into linear_qkv/linear_fc1
         return tensor.index_select(0, channels)
     if suffix == "self_attention.linear_qkv.weight":
-        return tensor.index_select(0, _index(qkv_rows(plan, layer))).index_select(1, channels)
+        weight = _add_back_query(tensor, plan, layer)
+        return weight.index_select(0, _index(qkv_rows(plan, layer))).index_select(1, channels)
     if suffix == "self_attention.linear_qkv.bias":
-        return tensor.index_select(0, _index(qkv_rows(plan, layer)))
+        return _add_back_query(tensor, plan, layer).index_select(0, _index(qkv_rows(plan, layer)))
     if suffix == "self_attention.linear_proj.weight":
-        weight = _add_back(tensor, plan, layer) if plan.head_add_back else tensor
+        weight = _add_back_output(tensor, plan, layer)
         return weight.index_select(0, channels).index_select(
             1, _index(head_columns(plan, layer.heads)))
     if suffix in ("self_attention.linear_proj.bias", "mlp.linear_fc2.bias"):

@@ -10,14 +10,18 @@ from __future__ import annotations
 import math
 import os
 import shutil
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 from megatron_minitron import parallel
 from megatron_minitron.checkpoint import io
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.errors import UsageError
 from megatron_minitron.prune.api import prune_checkpoint
-from megatron_minitron.prune.plan import target_config
+from megatron_minitron.prune.plan import (
+    DEFAULT_HEAD_ADD_BACK,
+    head_add_back_mode,
+    target_config,
+)
 
 
 def _step(source: int, target: int, fraction: float, multiple: int) -> int:
@@ -48,7 +52,8 @@ def round_targets(source: ModelConfig, final: ModelConfig, rounds: int, tp: int 
 
 def iterative_prune(load: str, target: Dict[str, int], output: str, rounds: int,
                     estimate: Callable[[str], Dict], first_scores: Optional[Dict] = None,
-                    depth_metric: str = "ppl", head_add_back: bool = True,
+                    depth_metric: str = "ppl",
+                    head_add_back: Union[bool, str] = DEFAULT_HEAD_ADD_BACK,
                     target_tp: int = 1, target_pp: int = 1, output_format: str = "minitron",
                     tokenizer: Optional[str] = None) -> List[str]:
     """Prunes ``load`` to ``target`` in ``rounds`` steps (collective when ``estimate`` is).
@@ -57,11 +62,13 @@ def iterative_prune(load: str, target: Dict[str, int], output: str, rounds: int,
         estimate: ``estimate(checkpoint) -> scores`` (all ranks call it; may be collective).
         first_scores: scores of ``load`` for the first round (estimated if None).
         output_format: format of ``output`` (the rounds are always ours).
+        head_add_back: ``none``, ``query`` or ``output`` (see ``prune_checkpoint``), every round.
         tokenizer: tokenizer folder to save with the rounds (default: ``load``'s own).
 
     Returns:
         The intermediate checkpoint paths (kept under ``output + ".rounds"``) and ``output``.
     """
+    head_add_back = head_add_back_mode(head_add_back)
     source = io.load_config(load)
     final = target_config(source, target, target_tp, target_pp)
     steps = round_targets(source, final, rounds, target_tp, target_pp)

@@ -6,12 +6,18 @@ sub-network of its source (apart from hidden-size pruning, which changes what a 
 GQA-aware head pruning: the ``num_query_groups`` groups with the highest ``query_group`` score are
 kept; inside each kept group the ``num_attention_heads / num_query_groups`` heads with the highest
 ``head`` score are kept, so every group keeps the same number of query heads and its own K/V.
+
+Head add-back (paper 2407.14679 §2.2): when heads inside a group are pruned, each kept head i
+takes the residual of a pruned partner j of its group, ``head_i + (head_i − head_j)``. Where that
+is applied is the mode (:data:`HEAD_ADD_BACK_MODES`): ``query`` on the kept head's query rows of
+the fused QKV projection (the paper's form for grouped-query attention), ``output`` on its
+columns of the attention output projection, ``none`` not at all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -21,6 +27,22 @@ from megatron_minitron.errors import UsageError
 TARGET_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                "num_query_groups")
 DEPTH_METRICS = ("ppl", "bi", "block_bi")
+HEAD_ADD_BACK_MODES = ("none", "query", "output")
+DEFAULT_HEAD_ADD_BACK = "output"
+"""The head add-back mode of ``minitron prune``/``search``, recipes and the Python API."""
+
+
+def head_add_back_mode(value: Union[bool, str]) -> str:
+    """A mode of :data:`HEAD_ADD_BACK_MODES`; ``True`` (the old switch) is ``output``, ``False``
+    ``none``."""
+    if value is True:
+        return "output"
+    if value is False:
+        return "none"
+    if isinstance(value, str) and value in HEAD_ADD_BACK_MODES:
+        return value
+    raise UsageError(f"--head-add-back {value!r} is unknown; use {', '.join(HEAD_ADD_BACK_MODES)} "
+                     "(a bare --head-add-back means output, --no-head-add-back none)")
 
 
 def parse_target(text: str) -> Dict[str, int]:
@@ -91,7 +113,8 @@ class PrunePlan:
     target: ModelConfig
     layers: List[LayerPlan]
     channels: List[int]
-    head_add_back: bool
+    head_add_back: str
+    """Where kept heads take their pruned partners' residual: none, query or output."""
 
     @property
     def kept_layers(self) -> List[int]:
@@ -134,8 +157,9 @@ def choose_layers(scores: Dict, source: ModelConfig, num_layers: int, metric: Op
 
 def build_plan(scores: Dict, source: ModelConfig, target: ModelConfig,
                depth_metric: Optional[str] = "ppl", drop_layers: Optional[Sequence[int]] = None,
-               head_add_back: bool = True) -> PrunePlan:
+               head_add_back: Union[bool, str] = DEFAULT_HEAD_ADD_BACK) -> PrunePlan:
     """Chooses every kept index from ``scores`` (see ``importance``)."""
+    head_add_back = head_add_back_mode(head_add_back)
     for key in ("layer_ppl", "layer_bi", "block_bi"):
         needed = (drop_layers is None and target.num_layers < source.num_layers
                   and key == {"ppl": "layer_ppl", "bi": "layer_bi",
@@ -157,7 +181,7 @@ def build_plan(scores: Dict, source: ModelConfig, target: ModelConfig,
             member_scores = scores["head"][layer][members]
             kept = [members[i] for i in _top(member_scores, per_group)]
             heads.extend(kept)
-            if head_add_back and per_group < per_group_src:
+            if head_add_back != "none" and per_group < per_group_src:
                 add_back.extend(_add_back_pairs(members, member_scores, per_group))
         neurons = _top(scores["neuron"][layer], target.ffn_hidden_size)
         layers.append(LayerPlan(layer, groups, heads, neurons, add_back))

@@ -31,13 +31,14 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from megatron_minitron import parallel
 from megatron_minitron.checkpoint.io import is_checkpoint
 from megatron_minitron.distill.config import TrainConfig
 from megatron_minitron.errors import UsageError
 from megatron_minitron.files import read_json, write_json_atomic
+from megatron_minitron.prune.plan import DEFAULT_HEAD_ADD_BACK, head_add_back_mode
 from megatron_minitron.search.space import (
     Candidate,
     enumerate_candidates,
@@ -66,8 +67,12 @@ class SearchSettings:
     teacher: Optional[str] = None
     """Distillation teacher of the retraining (default: ``load``)."""
     depth_metric: str = "ppl"
-    head_add_back: bool = True
+    head_add_back: Union[bool, str] = DEFAULT_HEAD_ADD_BACK
+    """none, query or output (``True``/``False``: output/none); a mode string after init."""
     max_candidates: int = 16
+
+    def __post_init__(self):
+        self.head_add_back = head_add_back_mode(self.head_add_back)
 
     def teacher_path(self) -> str:
         return self.teacher or self.load
@@ -176,6 +181,8 @@ class Search:
             if saved is None:
                 raise UsageError(f"--output {self.settings.output} exists and holds no search "
                                  f"({CONFIG_FILE}); choose a new or empty directory")
+            if isinstance(saved.get("head_add_back"), bool):  # written when it was a switch
+                saved["head_add_back"] = head_add_back_mode(saved["head_add_back"])
             current = json.loads(json.dumps(self.identity()))
             changed = sorted(k for k in set(saved) | set(current)
                              if saved.get(k) != current.get(k))
