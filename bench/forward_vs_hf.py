@@ -10,7 +10,7 @@ into a transformers model built in memory). The four measurements (ours/HF × fo
 forward+backward) run interleaved round by round in one process, so machine noise hits all
 alike; each figure is the median of the rounds. Ours runs the path every stage uses: the forward
 through mcore's pipeline schedule (``model.forward.pipeline_forward``, logits collected), the
-backward on the per-token loss the training path computes. Prints a table and writes
+forward + backward through the training path's cross-entropy (``distill.losses.logits_loss``). Prints a table and writes
 bench/results/forward_vs_hf[_NAME].json; goal: ours / transformers ≤ 1.0 for both.
 """
 
@@ -48,7 +48,9 @@ def _models(load, dtype):
     hf = transformers.AutoModelForCausalLM.from_config(hf_config)
     missing, unexpected = hf.load_state_dict(hf_state_from(ours, cfg, torch.float32),
                                              strict=False)
-    missing = [k for k in missing if "rotary" not in k]
+    missing = [k for k in missing if "rotary" not in k
+               and not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    hf.tie_weights()
     if missing or unexpected:
         raise RuntimeError(f"weights do not map: missing {missing}, unexpected {unexpected}")
     if dtype != torch.float32:
@@ -57,7 +59,9 @@ def _models(load, dtype):
 
 
 def _passes(ours, hf, batches):
-    from megatron_minitron.compat.cpu import cuda_to_cpu
+    from megatron_minitron import adapter
+    from megatron_minitron.compat.cpu import cuda_to_cpu, model_compute
+    from megatron_minitron.distill.losses import LogitLossSpec, logits_loss
     from megatron_minitron.model.forward import pipeline_forward, position_ids_for
 
     def ours_forward():
@@ -69,13 +73,17 @@ def _passes(ours, hf, batches):
             for batch in batches:
                 hf(batch["tokens"]).logits
 
-    def ours_backward():
+    spec = LogitLossSpec("kl", kd_weight=0.0, ce_weight=1.0)
+
+    def ours_backward():  # the training path's forward and (chunked) cross-entropy
         ours.train()
         with cuda_to_cpu():
             for batch in batches:
                 tokens = batch["tokens"]
-                loss = ours(tokens, position_ids_for(tokens), None, labels=batch["labels"])
-                loss.float().mean().backward()
+                with model_compute():
+                    logits = adapter.stage_forward(ours, tokens, position_ids_for(tokens))
+                result = logits_loss(logits, None, batch["labels"].t(), None, spec)
+                (result.total / result.tokens).backward()
         ours.zero_grad(set_to_none=True)
 
     def hf_backward():

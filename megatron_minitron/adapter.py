@@ -624,21 +624,19 @@ def is_last_stage() -> bool:
 # ---------------------------------------------------------------- training access
 
 
-def stage_forward(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor,
-                  input_tensor=None) -> torch.Tensor:
-    """Runs this rank's stage; returns hidden states [s, b, h], or on the last stage the
-    vocab-parallel logits [s, b, v/tp] as the output layer made them.
+@contextlib.contextmanager
+def raw_logits(model: GPTModel):
+    """Inside ``with raw_logits(model) as captured``, the last stage's forward appends the
+    output layer's logits [s, b, v/tp] to ``captured`` and GPTModel returns an empty tensor.
 
     GPTModel itself returns ``logits.transpose(0, 1).contiguous()``, a second logits-sized
-    tensor (and another one in backward); a forward hook on the output layer hands the
-    original on and gives GPTModel an empty slice to transpose instead. ``input_tensor``: the
-    previous stage's hidden states (ignored on the first stage).
+    tensor (and another one in backward); the hook hands the original on and gives GPTModel an
+    empty slice to transpose instead. Nothing is captured on other stages.
     """
-    if input_tensor is not None or not model.pre_process:
-        model.set_input_tensor(input_tensor)
+    captured: List[torch.Tensor] = []
     if not model.post_process:
-        return model(tokens, position_ids, None)
-    captured = []
+        yield captured
+        return
 
     def keep_logits(module, args, output):
         logits = linear_output(output)  # [s, b, v/tp]
@@ -647,10 +645,22 @@ def stage_forward(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Ten
 
     handle = model.output_layer.register_forward_hook(keep_logits)
     try:
-        model(tokens, position_ids, None)
+        yield captured
     finally:
         handle.remove()
-    return captured[0]
+
+
+def stage_forward(model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor,
+                  input_tensor=None) -> torch.Tensor:
+    """Runs this rank's stage; returns hidden states [s, b, h], or on the last stage the
+    vocab-parallel logits [s, b, v/tp] as the output layer made them (see :func:`raw_logits`).
+    ``input_tensor``: the previous stage's hidden states (ignored on the first stage).
+    """
+    if input_tensor is not None or not model.pre_process:
+        model.set_input_tensor(input_tensor)
+    with raw_logits(model) as captured:
+        output = model(tokens, position_ids, None)
+    return captured[0] if captured else output
 
 
 def stage_layer_numbers(num_layers: int) -> List[int]:

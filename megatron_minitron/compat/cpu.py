@@ -133,6 +133,18 @@ class _CudaToCpu(TorchFunctionMode):
 
 
 @contextlib.contextmanager
+def model_compute():
+    """Inside :func:`cuda_to_cpu`, runs the block (a model's own forward, which makes no CUDA
+    calls) without the mode: its Python hook on every op costs about 4% of a CPU forward.
+    A no-op anywhere else."""
+    if not isinstance(torch.overrides._get_current_function_mode(), _CudaToCpu):
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
+
+
+@contextlib.contextmanager
 def cuda_to_cpu():
     """Maps ``device="cuda"``/``.cuda()`` inside the block to the CPU (no-op when CUDA exists)."""
     if not cpu_mode():

@@ -255,12 +255,14 @@ class Trainer:
 def _forward_step(loss_spec: LogitLossSpec, data_iterator, model):
     """mcore's forward step: one micro-batch through the co-located stages; on the last stage
     the loss function gets the :class:`StageOutput`."""
+    from megatron_minitron.compat.cpu import model_compute
     from megatron_minitron.model.forward import position_ids_for
 
     batch = next(data_iterator)
     device = parallel.device()
     tokens = batch["tokens"].to(device)  # [b, s]
-    output = model(tokens, position_ids_for(tokens))
+    with model_compute():
+        output = model(tokens, position_ids_for(tokens))
     labels = batch["labels"].to(device).t()  # [s, b]
     mask = batch["loss_mask"].to(device).t()  # [s, b]
     return output, functools.partial(_loss, loss_spec, labels, mask)

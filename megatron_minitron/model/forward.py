@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, List, Optional
 
 import torch
 from megatron_minitron import adapter, parallel
-from megatron_minitron.compat.cpu import cuda_to_cpu
+from megatron_minitron.compat.cpu import cuda_to_cpu, model_compute
 
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
@@ -43,15 +44,21 @@ def pipeline_forward(
         batch = _to_device(next(data_iterator), device)
         tokens = batch["tokens"]
         positions = batch.get("positions")
-        with adapter.rotary_positions(stage_model, positions):
+        logits = contextlib.nullcontext([]) if with_labels else adapter.raw_logits(stage_model)
+        with adapter.rotary_positions(stage_model, positions), model_compute(), \
+                logits as captured:
             output = stage_model(
                 tokens,
                 position_ids_for(tokens) if positions is None else positions,
                 attention_mask=batch.get("attention_mask"),
                 labels=batch["labels"] if with_labels else None,
             )
+        if captured:  # [s, b, v/tp], handed on as a [b, s, v/tp] view (no copy)
+            output = captured[0]
 
         def loss_func(output_tensor):
+            if captured:
+                output_tensor = output_tensor.transpose(0, 1)
             return torch.zeros((), device=device), collect(output_tensor, batch)
 
         return output, loss_func
