@@ -131,7 +131,7 @@ def distill(args, student: str, output: str, seed: int):
                          train_tokens=args.train_tokens, global_batch_size=args.global_batch_size,
                          micro_batch_size=args.micro_batch_size, lr=args.lr, min_lr=args.min_lr,
                          lr_warmup_steps=args.lr_warmup_steps, log_interval=args.log_interval,
-                         resume="auto", seed=seed)
+                         resume="auto", seed=seed, precision=args.precision)
     start = time.perf_counter()
     trainer = Trainer(config, mode="distill")
     try:
@@ -175,6 +175,8 @@ def parse_args(argv=None):
     parser.add_argument("--min-lr", type=float, default=3e-5)
     parser.add_argument("--lr-warmup-steps", type=int, default=2)
     parser.add_argument("--log-interval", type=int, default=8)
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="distillation precision (bf16 is 2x fp32's speed on CPUs with AMX)")
     parser.add_argument("--work", default=None,
                         help="pruned models and runs (default outputs/head_add_back_NAME)")
     parser.add_argument("--name", default=None, help="result file suffix")

@@ -1,5 +1,6 @@
 """bench/run_all.py: goal clauses are evaluated against each result's own fields, and the
-committed results (with the device they came from) meet the goals they state."""
+committed results (with the device they came from) meet the goals they state, except those
+bench/open_goals.json lists with the reason (and those must really miss them)."""
 
 import json
 import os
@@ -29,8 +30,13 @@ def test_summary_of_committed_results(tmp_path):
     rows = json.loads(summary.read_text())["results"]
     names = {row["result"] for row in rows}
     assert {"importance", "prune", "distill"} <= names
+    listed = run_all.open_goals()
+    assert set(listed) <= names, "bench/open_goals.json names results that do not exist"
     for row in rows:
         assert row["device"] != "unknown", row["result"]
         failing = [check for check in row["checks"] if ": NO" in check]
-        assert not failing, (row["result"], failing)
+        if row["result"] in listed:  # a known gap, said in open_goals.json: it must be real
+            assert failing, f"{row['result']} meets its goal: drop it from open_goals.json"
+        else:
+            assert not failing, (row["result"], failing)
     assert "distill_step_ratio_tp1" in result.stdout
