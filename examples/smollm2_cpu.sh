@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # SmolLM2-135M on CPU, end to end: fetch the offline assets, import the model, then the recipe
-# examples/smollm2_cpu.yaml (importance on Linux-doc admin-guide, prune to about half the
-# parameters, distill briefly from the unpruned model, evaluate teacher, pruned and distilled),
-# then the before/after table and plots (python -m megatron_minitron.report).
+# examples/smollm2_quarter_cpu.yaml (importance on Linux-doc admin-guide, prune a quarter of
+# the parameters in depth and width, distill the pruned model from the unpruned one and the same
+# architecture from random initialisation on the same tokens, evaluate all four, in bf16), then
+# the before/after table and plots (python -m megatron_minitron.report).
 #   bash examples/smollm2_cpu.sh            (WORK=outputs/smollm2 by default)
 # Environment: WORK (output folder), SAMPLES (calibration samples), SEQ (sequence length),
 # DEPTH_SAMPLES (set: also layer perplexity/BI on that many samples, a forward per layer each),
 # TOKENS (distillation tokens of every distill step; default: the recipe's),
-# RECIPE (default examples/smollm2_cpu.yaml; examples/smollm2_quarter_cpu.yaml prunes a quarter,
-# depth and width, and distills a random-init twin beside it),
+# RECIPE (default examples/smollm2_quarter_cpu.yaml; examples/smollm2_cpu.yaml prunes to half
+# the parameters and distills briefly),
 # LIMIT (items per zero-shot task), NPROC (ranks), TP, PP; DRY_RUN=1 prints the commands and
 # the recipe's steps only. A re-run skips every finished step.
 # Outputs in WORK: summary.md/.json (the table), metrics.png, distill_loss.png, importance.png,
@@ -25,7 +26,7 @@ NPROC=${NPROC:-1}
 TP=${TP:-1}
 PP=${PP:-1}
 DRY_RUN=${DRY_RUN:-0}
-RECIPE=${RECIPE:-$(dirname "$0")/smollm2_cpu.yaml}
+RECIPE=${RECIPE:-$(dirname "$0")/smollm2_quarter_cpu.yaml}
 
 do_or_print() { if [ "$DRY_RUN" = 1 ]; then echo "$*"; else "$@"; fi; }
 

@@ -17,6 +17,7 @@ zero-shot tasks. Figures go to docs/results/.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -267,6 +268,47 @@ class Page:
         return f"docs/results/{path}"
 
 
+def _add_back_section(page, result: dict, name: str) -> None:
+    """The head add-back comparison of one ``bench/head_add_back.py`` result."""
+    target = ", ".join(f"{k}={v}" for k, v in result["target"].items())
+    page.add(f"### {name}: {result['source_params'] / 1e6:.1f}M → {result['params'] / 1e6:.1f}M "
+             f"({target})", "",
+             f"Held-out loss ({result['held_out'].split(' of ')[0]}); unpruned "
+             f"{result['teacher_loss']:.4f}. Distilled: {result['train_tokens']:,} tokens from "
+             f"the unpruned model, {result['seeds']} data orders (mean ± standard deviation, "
+             "min–max).", "",
+             "| add-back | zero-shot | distilled |", "| --- | ---: | ---: |")
+    for mode, run in result["runs"].items():
+        spread = run["distilled_spread"]
+        page.add(f"| {mode} | {run['zero_shot']:.4f} | {spread['mean']:.4f} ± "
+                 f"{spread['std']:.4f} ({spread['min']:.4f}–{spread['max']:.4f}) |")
+    page.add("", f"`{result['command']}`", "")
+
+
+def benchmark_sections(page) -> None:
+    """Sections made from committed benchmark results (bench/results/head_add_back_*.json) and
+    the main job's table (docs/results/main_job.json, the summary.json of its run)."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "head_add_back_*.json")))
+    results = [json.load(open(path)) for path in paths]
+    results = [(os.path.basename(p)[len("head_add_back_"):-len(".json")], r)
+               for p, r in zip(paths, results) if not r.get("quick")]
+    if results:
+        page.add("## 7. Head add-back forms: none, query, output", "",
+                 "`--head-add-back query` is §2.2's form for grouped-query attention (the kept "
+                 "heads' query rows, `Q_i + (Q_i − Q_j)`), `output` the output-projection "
+                 "columns, `none` plain selection; only heads are pruned, with the same kept "
+                 "heads in every mode (`python bench/head_add_back.py`).", "")
+        for name, result in results:
+            _add_back_section(page, result, name)
+    main_job = os.path.join(ROOT, "docs", "results", "main_job.json")
+    if os.path.isfile(main_job):
+        summary = json.load(open(main_job))
+        page.add("## Main job (`bash examples/smollm2_cpu.sh`)", "",
+                 summary.get("note", ""), "", summary["table"].rstrip(), "")
+
+
 def write_page(work: str, args) -> str:
     page = Page(work, args)
     recipe = read_json(os.path.join(work, "cost.json")) or {}
@@ -369,9 +411,9 @@ def write_page(work: str, args) -> str:
                      "loss")
         page.add("These runs use the output form (`--head-add-back output`): the kept heads' "
                  "output-projection columns. For grouped-query attention §2.2 "
-                 "applies the residual to the query heads only (`--head-add-back query`), which "
-                 "these runs do not measure; `bench/head_add_back.py` compares none, query and "
-                 "output. `--no-head-add-back` turns add-back off.", "")
+                 "applies the residual to the query heads only (`--head-add-back query`); §7 "
+                 "compares none, query and output over several data orders and on a second "
+                 "family. Neither form helps there either, so `none` is the default.", "")
 
     # (5) teacher correction
     page.add("## 5. Teacher correction", "")
@@ -414,6 +456,8 @@ def write_page(work: str, args) -> str:
             import shutil
 
             shutil.copyfile(png, os.path.join(page.figures, "search.png"))
+
+    benchmark_sections(page)
 
     # cost
     if recipe:

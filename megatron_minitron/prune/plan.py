@@ -28,7 +28,7 @@ TARGET_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_he
                "num_query_groups")
 DEPTH_METRICS = ("ppl", "bi", "block_bi")
 HEAD_ADD_BACK_MODES = ("none", "query", "output")
-DEFAULT_HEAD_ADD_BACK = "output"
+DEFAULT_HEAD_ADD_BACK = "none"
 """The head add-back mode of ``minitron prune``/``search``, recipes and the Python API."""
 
 
