@@ -282,7 +282,8 @@ def _add_back_section(page, result: dict, name: str) -> None:
         spread = run["distilled_spread"]
         page.add(f"| {mode} | {run['zero_shot']:.4f} | {spread['mean']:.4f} ± "
                  f"{spread['std']:.4f} ({spread['min']:.4f}–{spread['max']:.4f}) |")
-    page.add("", f"`{result['command']}`", "")
+    command = result["command"].replace(os.path.expanduser("~"), "~")
+    page.add("", f"`{command}`", "")
 
 
 def benchmark_sections(page) -> None:
@@ -300,13 +301,18 @@ def benchmark_sections(page) -> None:
                  "heads' query rows, `Q_i + (Q_i − Q_j)`), `output` the output-projection "
                  "columns, `none` plain selection; only heads are pruned, with the same kept "
                  "heads in every mode (`python bench/head_add_back.py`).", "")
+        page.add("The Qwen3-shaped model (q/k norms, head_dim 32, 8 heads in 2 groups, 4 layers, "
+                 "tied embeddings, SmolLM2's tokenizer) was made and trained briefly from scratch "
+                 "by `bash bench/qwen3_shaped.sh`.", "")
         for name, result in results:
             _add_back_section(page, result, name)
     main_job = os.path.join(ROOT, "docs", "results", "main_job.json")
     if os.path.isfile(main_job):
         summary = json.load(open(main_job))
         page.add("## Main job (`bash examples/smollm2_cpu.sh`)", "",
-                 summary.get("note", ""), "", summary["table"].rstrip(), "")
+                 summary.get("note", ""), "",
+                 *[line for line in summary["table"].strip().splitlines()
+                   if not line.startswith(("# ", "- plots:"))], "")
 
 
 def write_page(work: str, args) -> str:

@@ -339,7 +339,7 @@ def test_slurm_bad_settings(env, message):
 
 def shell_scripts():
     return (sorted(LAUNCH.rglob("*.sh")) + SBATCH + sorted((ROOT / "examples").rglob("*.sh"))
-            + sorted((ROOT / "scripts").glob("*.sh")))
+            + sorted((ROOT / "scripts").glob("*.sh")) + sorted((ROOT / "bench").glob("*.sh")))
 
 
 def test_shellcheck():
