@@ -10,8 +10,9 @@ into a transformers model built in memory). The four measurements (ours/HF × fo
 forward+backward) run interleaved round by round in one process, so machine noise hits all
 alike; each figure is the median of the rounds. Ours runs the path every stage uses: the forward
 through mcore's pipeline schedule (``model.forward.pipeline_forward``, logits collected), the
-forward + backward through the training path's cross-entropy (``distill.losses.logits_loss``). Prints a table and writes
-bench/results/forward_vs_hf[_NAME].json; goal: ours / transformers ≤ 1.0 for both.
+forward + backward through the training path's cross-entropy (``distill.losses.logits_loss``).
+Prints a table and writes bench/results/forward_vs_hf[_NAME].json; goal: ours / transformers
+≤ 1.0 for both.
 """
 
 from __future__ import annotations

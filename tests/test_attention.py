@@ -4,12 +4,13 @@ mcore."""
 
 import pytest
 import torch
-from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.enums import AttnMaskType
 
-from megatron_minitron import adapter, parallel
+from megatron_minitron import adapter, parallel  # applies the CPU patches before mcore imports
 from megatron_minitron.model.attention import SDPAttention
 from megatron_minitron.testing import tiny_config
+
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402,I001
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 SEQ, BATCH = 12, 3
 

@@ -165,8 +165,10 @@ def test_a_search_written_with_the_former_switch_resumes_with_its_mode(distill_m
             _search_args(distill_models, tmp_path, output, "--no-retrain", *extra))
         return Search(_settings(args), TrainConfig.from_args(args))
 
+    from megatron_minitron.prune.plan import DEFAULT_HEAD_ADD_BACK
+
     identity = search().identity()
-    assert identity["head_add_back"] == "output"
+    assert identity["head_add_back"] == DEFAULT_HEAD_ADD_BACK
     for former, same, other in ((True, "output", "query"), (False, "none", "output")):
         os.makedirs(output, exist_ok=True)
         with open(os.path.join(output, CONFIG_FILE), "w") as handle:

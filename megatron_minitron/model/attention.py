@@ -17,8 +17,13 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.dot_product_attention import DotProductAttention
-from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_minitron.compat.cpu import apply_cpu_patches
+
+apply_cpu_patches()  # before mcore's first import (mcore 0.19 imports triton without it)
+
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 
 
 class SDPAttention(DotProductAttention):
