@@ -110,3 +110,23 @@ def test_local_spec_uses_it(group):
     assert all(type(layer.self_attention.core_attention) is SDPAttention
                for layer in adapter.decoder_layers(model))
     assert adapter.accepts_attention_mask(model)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shim acts only without CUDA")
+def test_model_compute_pauses_only_the_cpu_mode():
+    """The model's own ops run outside the CUDA-to-CPU function mode (it costs ~4% of a CPU
+    forward); the mode is back after the block, and outside it the block changes nothing."""
+    from torch.overrides import _get_current_function_mode
+
+    from megatron_minitron.compat.cpu import _CudaToCpu, model_compute
+
+    assert _get_current_function_mode() is None
+    with model_compute():  # no mode: a no-op
+        assert _get_current_function_mode() is None
+    with adapter.cuda_to_cpu():
+        assert isinstance(_get_current_function_mode(), _CudaToCpu)
+        assert torch.zeros(1, device="cuda").device.type == "cpu"  # the mode maps it
+        with model_compute():
+            assert _get_current_function_mode() is None
+        assert isinstance(_get_current_function_mode(), _CudaToCpu)
+    assert _get_current_function_mode() is None
