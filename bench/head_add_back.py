@@ -62,14 +62,11 @@ def prepare_quick(work: str):
     """A random-init tiny teacher (6 heads in 2 groups, the uneven scales of a trained model:
     ``spread_weights``) with its own tokenizer, text and importance scores; returns (teacher,
     scores, train text, held-out text)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from megatron_minitron import parallel
     from megatron_minitron.checkpoint import io
     from megatron_minitron.data import calibration_samples, load_tokenizer, micro_batches
     from megatron_minitron.importance import ImportanceConfig, estimate_importance, save_scores
-    from megatron_minitron.testing.models import save_realistic_checkpoint
+    from megatron_minitron.testing.models import save_bpe_tokenizer, save_realistic_checkpoint
 
     os.makedirs(work, exist_ok=True)
     train_text, eval_text = os.path.join(work, "train.txt"), os.path.join(work, "eval.txt")
@@ -78,15 +75,7 @@ def prepare_quick(work: str):
             handle.write(_quick_text(6000, seed))
     tokenizer_dir = os.path.join(work, "tokenizer")
     if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-        tokenizer = Tokenizer(models.BPE())
-        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tokenizer.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
-        tokenizer.train([train_text], trainer)
-        PreTrainedTokenizerFast(tokenizer_object=tokenizer,
-                                eos_token="<|endoftext|>").save_pretrained(tokenizer_dir)
+        save_bpe_tokenizer(tokenizer_dir, files=[train_text])
     teacher = os.path.join(work, "teacher")
     if not io.is_checkpoint(teacher):
         save_realistic_checkpoint(teacher, tokenizer_dir, num_layers=2, hidden_size=48,

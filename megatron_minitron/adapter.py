@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import importlib.util
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +22,18 @@ apply_cpu_patches()
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.activations import squared_relu  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
-from megatron.core.transformer.transformer_block import (  # noqa: E402
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+from megatron_minitron.model.specs import (  # noqa: E402,F401 - the specs, re-exported
+    LayerSpecFn,
+    ZeroCenteredLayerNorm,
+    layer_spec,
+    local_layer_spec,
+    spec_override,
+    use_layer_spec,
+    with_submodules,
+)
 
 ACTIVATION_FUNCS = {"swiglu": F.silu, "gelu": F.gelu, "squared_relu": squared_relu}
 """Our activation name -> mcore's ``activation_func`` (swiglu also sets ``gated_linear_unit``)."""
@@ -44,65 +48,6 @@ def te_available() -> bool:
     except Exception:  # noqa: BLE001 - any import failure means "not usable"
         return False
     return True
-
-
-class ZeroCenteredLayerNorm(torch.nn.LayerNorm):
-    """LayerNorm whose weight is stored as gamma - 1 and applied as 1 + weight (LayerNorm1P).
-
-    The local spec's norms cannot do this without apex (``WrappedTorchNorm`` refuses
-    ``layernorm_zero_centered_gamma``), so the local spec gets this class for every norm. It
-    keeps the stored weight the same as Transformer Engine's and Hugging Face Nemotron's, so
-    checkpoints move between specs and round-trip to Hugging Face bit for bit.
-    """
-
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
-                 **unused):
-        super().__init__(hidden_size, eps=eps)
-        with torch.no_grad():
-            self.weight.zero_()  # gamma = 1
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(hidden, self.normalized_shape, self.weight + 1, self.bias, self.eps)
-
-
-def with_submodules(builder, **replacements):
-    """``builder`` (a ModuleSpec, or mcore 0.19's ``partial(cls, submodules=...)``) with some
-    of its submodules replaced."""
-    if isinstance(builder, functools.partial):
-        keywords = dict(builder.keywords)
-        keywords["submodules"] = dataclasses.replace(keywords["submodules"], **replacements)
-        return functools.partial(builder.func, *builder.args, **keywords)
-    return dataclasses.replace(builder, submodules=dataclasses.replace(builder.submodules,
-                                                                       **replacements))
-
-
-def local_layer_spec(cfg: ModelConfig):
-    """mcore's local layer spec with torch's fused attention in its ``core_attention`` slot
-    (:class:`megatron_minitron.model.attention.SDPAttention`; same weights and masking)."""
-    from megatron_minitron.model.attention import SDPAttention
-
-    spec = get_gpt_layer_local_spec(normalization=cfg.normalization,
-                                    qk_layernorm=cfg.qk_layernorm)
-    attention = with_submodules(spec.submodules.self_attention, core_attention=SDPAttention)
-    return with_submodules(spec, self_attention=attention)
-
-
-def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
-    """The layer spec, or for a zero-centred LayerNorm on the local spec the block's
-    submodules (its final norm must be replaced too)."""
-    if use_te:
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
-
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
-    spec = local_layer_spec(cfg)
-    if not cfg.layernorm_zero_centered_gamma:
-        return spec
-    norms = dict(input_layernorm=ZeroCenteredLayerNorm, pre_mlp_layernorm=ZeroCenteredLayerNorm)
-    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
-                                      layer_norm=ZeroCenteredLayerNorm)
 
 
 def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
@@ -149,26 +94,6 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
-
-
-LayerSpecFn = Callable[[ModelConfig, TransformerConfig], Any]
-"""``(cfg, transformer_config) -> layer spec`` (a ModuleSpec or TransformerBlockSubmodules)."""
-
-_SPEC_OVERRIDE: List[LayerSpecFn] = []
-
-
-@contextlib.contextmanager
-def use_layer_spec(spec: LayerSpecFn):
-    """Every :func:`build_gpt_model` inside ``with`` (checkpoint loads included) uses ``spec``.
-
-    Lets tests run the whole pipeline on another layer spec (e.g. the CPU stand-in of the
-    Transformer Engine spec in ``megatron_minitron.testing.te_standin``).
-    """
-    _SPEC_OVERRIDE.append(spec)
-    try:
-        yield
-    finally:
-        _SPEC_OVERRIDE.pop()
 
 
 def gpu_features(cfg: ModelConfig, *, gpu: bool, te: bool, apex: bool, flash_attn: bool,
@@ -231,8 +156,8 @@ def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
     cfg.check_layout(parallel_state.get_tensor_model_parallel_world_size(),
                      parallel_state.get_pipeline_model_parallel_world_size())
     use_te = te_available() if use_te is None else use_te
-    if spec is None and _SPEC_OVERRIDE:
-        spec = _SPEC_OVERRIDE[-1]
+    if spec is None:
+        spec = spec_override()
     with cuda_to_cpu():  # tied embeddings under PP call .cuda() while syncing the output layer
         model = _gpt_model(cfg, params_dtype, use_te, spec, init_weights, config_overrides)
     if not init_weights:

@@ -267,21 +267,10 @@ def make_tiny(folder: str, text: str) -> str:
     """A byte-level BPE tokenizer (512 ids) trained on ``text`` and a tiny model of realistic
     weight scale (:func:`megatron_minitron.testing.models.spread_weights`); returns the
     checkpoint path."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from megatron_minitron.testing.models import save_bpe_tokenizer, save_realistic_checkpoint
 
-    from megatron_minitron.testing.models import save_realistic_checkpoint
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_MODEL["vocab_size"],
-                                  special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train([text], trainer)
-    tokenizer_dir = os.path.join(folder, "tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer,
-                            eos_token="<|endoftext|>").save_pretrained(tokenizer_dir)
+    tokenizer_dir = save_bpe_tokenizer(os.path.join(folder, "tokenizer"),
+                                       TINY_MODEL["vocab_size"], files=[text])
     ckpt = os.path.join(folder, "tiny")
     save_realistic_checkpoint(ckpt, tokenizer_dir, seed=1234, **TINY_MODEL)
     return ckpt

@@ -47,19 +47,10 @@ def tiny_text(num_words: int, seed: int = 0) -> str:
 def tiny_tokenizer_dir(tmp_path_factory):
     """A Hugging Face tokenizer folder: byte-level BPE (vocab 300) trained on ``tiny_text``,
     EOS ``<|endoftext|>``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from megatron_minitron.testing.models import save_bpe_tokenizer
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    tokenizer.train_from_iterator([tiny_text(3000, seed) for seed in range(3)], trainer)
     folder = tmp_path_factory.mktemp("tiny_tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer,
-                            eos_token="<|endoftext|>").save_pretrained(str(folder))
+    save_bpe_tokenizer(str(folder), texts=[tiny_text(3000, seed) for seed in range(3)])
     return str(folder)
 
 

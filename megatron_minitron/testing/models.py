@@ -76,3 +76,24 @@ def save_realistic_checkpoint(path: str, tokenizer_dir=None, seed: int = 1234,
         spread_weights(model, cfg, seed)
         save_checkpoint(model, cfg, path, tokenizer_from=tokenizer_dir)
     return cfg
+
+
+def save_bpe_tokenizer(folder: str, vocab_size: int = 300, files=(), texts=()) -> str:
+    """Trains a byte-level BPE tokenizer (EOS ``<|endoftext|>``) on text ``files`` or, when
+    none are given, on the strings ``texts``; saves it as a Hugging Face folder and returns it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    if files:
+        tokenizer.train(list(files), trainer)
+    else:
+        tokenizer.train_from_iterator(list(texts), trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer,
+                            eos_token="<|endoftext|>").save_pretrained(folder)
+    return folder

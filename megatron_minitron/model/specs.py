@@ -1,0 +1,109 @@
+"""Layer specs of the models we build: mcore's local spec with torch's fused attention (and
+zero-centred norms where the model needs them), or the Transformer Engine spec; and a way for
+tests to swap in another spec (:func:`use_layer_spec`)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from typing import Any, Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_minitron.compat.cpu import apply_cpu_patches
+from megatron_minitron.config import ModelConfig
+
+apply_cpu_patches()  # before mcore's first import (mcore 0.19 imports triton without it)
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.transformer.transformer_block import (  # noqa: E402
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+
+class ZeroCenteredLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm whose weight is stored as gamma - 1 and applied as 1 + weight (LayerNorm1P).
+
+    The local spec's norms cannot do this without apex (``WrappedTorchNorm`` refuses
+    ``layernorm_zero_centered_gamma``), so the local spec gets this class for every norm. It
+    keeps the stored weight the same as Transformer Engine's and Hugging Face Nemotron's, so
+    checkpoints move between specs and round-trip to Hugging Face bit for bit.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                 **unused):
+        super().__init__(hidden_size, eps=eps)
+        with torch.no_grad():
+            self.weight.zero_()  # gamma = 1
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(hidden, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+def with_submodules(builder, **replacements):
+    """``builder`` (a ModuleSpec, or mcore 0.19's ``partial(cls, submodules=...)``) with some
+    of its submodules replaced."""
+    if isinstance(builder, functools.partial):
+        keywords = dict(builder.keywords)
+        keywords["submodules"] = dataclasses.replace(keywords["submodules"], **replacements)
+        return functools.partial(builder.func, *builder.args, **keywords)
+    return dataclasses.replace(builder, submodules=dataclasses.replace(builder.submodules,
+                                                                       **replacements))
+
+
+def local_layer_spec(cfg: ModelConfig):
+    """mcore's local layer spec with torch's fused attention in its ``core_attention`` slot
+    (:class:`megatron_minitron.model.attention.SDPAttention`; same weights and masking)."""
+    from megatron_minitron.model.attention import SDPAttention
+
+    spec = get_gpt_layer_local_spec(normalization=cfg.normalization,
+                                    qk_layernorm=cfg.qk_layernorm)
+    attention = with_submodules(spec.submodules.self_attention, core_attention=SDPAttention)
+    return with_submodules(spec, self_attention=attention)
+
+
+def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
+    """The layer spec, or for a zero-centred LayerNorm on the local spec the block's
+    submodules (its final norm must be replaced too)."""
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    spec = local_layer_spec(cfg)
+    if not cfg.layernorm_zero_centered_gamma:
+        return spec
+    norms = dict(input_layernorm=ZeroCenteredLayerNorm, pre_mlp_layernorm=ZeroCenteredLayerNorm)
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=ZeroCenteredLayerNorm)
+
+
+LayerSpecFn = Callable[[ModelConfig, TransformerConfig], Any]
+"""``(cfg, transformer_config) -> layer spec`` (a ModuleSpec or TransformerBlockSubmodules)."""
+
+_SPEC_OVERRIDE: List[LayerSpecFn] = []
+
+
+@contextlib.contextmanager
+def use_layer_spec(spec: LayerSpecFn):
+    """Every :func:`build_gpt_model` inside ``with`` (checkpoint loads included) uses ``spec``.
+
+    Lets tests run the whole pipeline on another layer spec (e.g. the CPU stand-in of the
+    Transformer Engine spec in ``megatron_minitron.testing.te_standin``).
+    """
+    _SPEC_OVERRIDE.append(spec)
+    try:
+        yield
+    finally:
+        _SPEC_OVERRIDE.pop()
+
+
+def spec_override() -> Optional[LayerSpecFn]:
+    """The spec set by the innermost :func:`use_layer_spec`, or None."""
+    return _SPEC_OVERRIDE[-1] if _SPEC_OVERRIDE else None
