@@ -13,6 +13,10 @@ from typing import Callable, Dict, List
 
 import torch
 
+from megatron_minitron.compat.cpu import tune_allocator  # noqa: E402
+
+tune_allocator()  # as the minitron command does, so that stages are timed as users run them
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 

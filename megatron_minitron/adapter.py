@@ -92,8 +92,36 @@ def transformer_config(cfg: ModelConfig, params_dtype: torch.dtype = torch.float
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
     )
+    kwargs.update(moe_transformer_fields(cfg))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
+
+
+def moe_transformer_fields(cfg: ModelConfig) -> Dict:
+    """TransformerConfig fields of a mixture-of-experts model (none for a dense one).
+
+    Experts are split over the expert parallel group; tokens reach them through mcore's
+    all-to-all dispatcher when EP > 1 (it runs on gloo too) and its all-gather one otherwise.
+    The router computes in fp32 whatever the weights' dtype, as Hugging Face's models do.
+    """
+    if not cfg.is_moe:
+        return {}
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    return dict(
+        num_moe_experts=cfg.num_moe_experts,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=cfg.moe_shared_expert_gate,
+        moe_layer_freq=cfg.moe_layer_freq,
+        moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff else "none",
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall" if ep > 1 else "allgather",
+        expert_model_parallel_size=ep,
+        moe_grouped_gemm=False,
+    )
 
 
 def gpu_features(cfg: ModelConfig, *, gpu: bool, te: bool, apex: bool, flash_attn: bool,
@@ -154,7 +182,8 @@ def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
     :func:`transformer_config`.
     """
     cfg.check_layout(parallel_state.get_tensor_model_parallel_world_size(),
-                     parallel_state.get_pipeline_model_parallel_world_size())
+                     parallel_state.get_pipeline_model_parallel_world_size(),
+                     parallel_state.get_expert_model_parallel_world_size())
     use_te = te_available() if use_te is None else use_te
     if spec is None:
         spec = spec_override()
@@ -184,8 +213,8 @@ def _mark_tensor_parallel_weights(model: GPTModel) -> None:
     partition_dims = ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0),
                       (RowParallelLinear, 1))
     # a gated fc1 holds [gate, up] interleaved per TP rank: mcore gives it stride 2
-    gated_fc1 = ({id(mlp_fc1(layer)) for layer in decoder_layers(model)}
-                 if model.config.gated_linear_unit else set())
+    gated_fc1 = ({id(mlp.linear_fc1) for layer in decoder_layers(model)
+                  for mlp in layer_mlps(layer)} if model.config.gated_linear_unit else set())
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
@@ -247,7 +276,44 @@ def attention_qk_norms(layer) -> List[torch.nn.Module]:
     return [n for n in norms if n is not None and hasattr(n, "weight")]
 
 
+def is_moe_layer(layer) -> bool:
+    """Whether ``layer``'s MLP is a mixture of experts (mcore's ``MoELayer``)."""
+    return hasattr(layer.mlp, "router")
+
+
+def moe_router(layer) -> torch.nn.Module:
+    """The router of a mixture-of-experts layer (``weight`` [experts, h])."""
+    return layer.mlp.router
+
+
+def local_experts(layer) -> List[torch.nn.Module]:
+    """This rank's routed experts of a mixture-of-experts layer, each an MLP with
+    ``linear_fc1``/``linear_fc2`` (mcore's ``SequentialMLP``; grouped-GEMM experts hold their
+    weights stacked and are not supported here)."""
+    experts = layer.mlp.experts
+    if not hasattr(experts, "local_experts"):
+        raise NotImplementedError(f"{type(experts).__name__} experts (grouped GEMM) are not "
+                                  "supported; build the model with moe_grouped_gemm=False")
+    return list(experts.local_experts)
+
+
+def shared_expert(layer) -> Optional[torch.nn.Module]:
+    """The shared expert of a mixture-of-experts layer (an MLP, with ``gate_weight`` [1, h]
+    when gated), or None."""
+    return getattr(layer.mlp, "shared_experts", None)
+
+
+def layer_mlps(layer) -> List[torch.nn.Module]:
+    """Every MLP of ``layer`` with ``linear_fc1``/``linear_fc2``: the dense MLP, or this rank's
+    routed experts followed by the shared expert."""
+    if not is_moe_layer(layer):
+        return [layer.mlp]
+    shared = shared_expert(layer)
+    return local_experts(layer) + ([shared] if shared is not None else [])
+
+
 def mlp_fc1(layer) -> torch.nn.Module:
+    """The dense MLP's column-parallel first linear."""
     return layer.mlp.linear_fc1
 
 

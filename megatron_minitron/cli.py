@@ -85,7 +85,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from megatron_minitron import progress
 
+    from megatron_minitron.compat.cpu import tune_allocator
+
     progress.quiet_third_party_bars()
+    tune_allocator()  # CPU runs: freed memory stays in the process (see its docstring)
     quiet_megatron_logs("--verbose" in argv or os.environ.get("MINITRON_DEBUG") == "1")
     command = next((a for a in argv if not a.startswith("-")), None)
     if command is not None and command not in COMMANDS:

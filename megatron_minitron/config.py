@@ -1,12 +1,12 @@
-"""Model architecture config (Llama family, Qwen2/3 and Nemotron-4), and exact parameter
-counting."""
+"""Model architecture config (Llama family, Qwen2/3, Nemotron-4 and their mixture-of-experts
+kin: Mixtral, Qwen2-MoE, Qwen3-MoE), and exact parameter counting."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from megatron_minitron.errors import UsageError
 
@@ -74,6 +74,26 @@ class ModelConfig:
     before RoPE (Qwen3)."""
     init_method_std: float = 0.02
     """Std of the normal initialisation of new weights."""
+    num_moe_experts: Optional[int] = None
+    """Routed experts of each mixture-of-experts layer; None: a dense model."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """Each routed expert's MLP width (per half when gated); None means ffn_hidden_size. Dense
+    layers of a mixed stack keep ffn_hidden_size."""
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    """Width of the shared expert every token passes through (Qwen2-MoE); None: none."""
+    moe_shared_expert_gate: bool = False
+    """The shared expert's output is scaled by sigmoid(x · gate) (Qwen2-MoE)."""
+    moe_layer_freq: Union[int, List[int]] = 1
+    """Which layers are MoE, as mcore reads it: k means layers 0, k, 2k, ...; a list holds 1
+    (MoE) or 0 (dense) per layer."""
+    moe_router_pre_softmax: bool = False
+    """Router weights are the softmax over all experts, taken at the top k (Qwen2-MoE, Qwen3-MoE
+    without ``norm_topk_prob``); False: the softmax over the top k logits (Mixtral, Qwen3-MoE)."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of the router's load-balancing loss in training (Hugging Face
+    ``router_aux_loss_coef``)."""
     extra: Dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (source HF architecture, pruning history, ...)."""
 
@@ -115,14 +135,61 @@ class ModelConfig:
         if self.qk_layernorm and self.layernorm_zero_centered_gamma:
             raise ValueError("qk_layernorm=True with layernorm_zero_centered_gamma=True is not "
                              "supported; set one or the other")
+        self._check_moe()
         rotated = int(self.kv_channels * self.rotary_percent)  # how mcore and HF round it
         if not 0.0 < self.rotary_percent <= 1.0 or rotated <= 0 or rotated % 2:
             raise UsageError(f"rotary_percent={self.rotary_percent} must be in (0, 1] and rotate "
                              f"an even number of the kv_channels={self.kv_channels} head channels")
 
+    def _check_moe(self) -> None:
+        if self.num_moe_experts is None:
+            return
+        experts = int(self.num_moe_experts)
+        if experts <= 0:
+            raise UsageError(f"num_moe_experts={experts} must be a positive integer (or unset "
+                             "for a dense model)")
+        if not 1 <= self.moe_router_topk <= experts:
+            raise UsageError(f"moe_router_topk={self.moe_router_topk} must be between 1 and "
+                             f"num_moe_experts={experts}; keep at least as many experts as "
+                             "each token is routed to")
+        if self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) <= 0:
+                raise UsageError(f"{name}={value} must be a positive integer")
+        if self.add_bias_linear and self.moe_shared_expert_intermediate_size is not None:
+            raise UsageError("add_bias_linear=True with a shared expert: Megatron-Core's shared "
+                             "experts have no biases; drop one or the other")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            raise UsageError("moe_shared_expert_gate=True needs a shared expert; set "
+                             "moe_shared_expert_intermediate_size")
+        pattern = self.moe_layer_freq
+        if isinstance(pattern, int):
+            if pattern < 1:
+                raise UsageError(f"moe_layer_freq={pattern} must be >= 1")
+        elif len(pattern) != self.num_layers or set(pattern) - {0, 1}:
+            raise UsageError(f"moe_layer_freq={list(pattern)} must hold one 0 (dense) or 1 "
+                             f"(MoE) per layer ({self.num_layers} layers)")
+        else:
+            self.moe_layer_freq = [int(v) for v in pattern]
+
     @property
     def gated(self) -> bool:
         return self.activation == "swiglu"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_moe_experts is not None
+
+    def moe_layers(self) -> List[bool]:
+        """Per layer: whether it is a mixture-of-experts layer (mcore's reading of
+        ``moe_layer_freq``); all False for a dense model."""
+        if not self.is_moe:
+            return [False] * self.num_layers
+        if isinstance(self.moe_layer_freq, int):
+            return [i % self.moe_layer_freq == 0 for i in range(self.num_layers)]
+        return [bool(v) for v in self.moe_layer_freq]
 
     @property
     def heads_per_group(self) -> int:
@@ -145,9 +212,20 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    def check_layout(self, tp: int, pp: int) -> None:
-        """Raises UsageError when TP or PP does not divide what it must split."""
-        checks = (
+    def check_layout(self, tp: int, pp: int, ep: int = 1) -> None:
+        """Raises UsageError when TP, PP or EP does not divide what it must split."""
+        moe = () if not self.is_moe else tuple(
+            (name, value, size, flag) for name, value, size, flag in (
+                ("num_moe_experts", self.num_moe_experts, ep, "--expert-model-parallel-size"),
+                ("moe_ffn_hidden_size", self.moe_ffn_hidden_size, tp,
+                 "--tensor-model-parallel-size"),
+                ("moe_shared_expert_intermediate_size",
+                 self.moe_shared_expert_intermediate_size, tp, "--tensor-model-parallel-size"),
+            ) if value is not None)
+        if ep > 1 and not self.is_moe:
+            raise UsageError(f"--expert-model-parallel-size={ep} needs a mixture-of-experts "
+                             "model; this one is dense (use 1)")
+        checks = moe + (
             ("num_attention_heads", self.num_attention_heads, tp, "--tensor-model-parallel-size"),
             ("num_query_groups", self.num_query_groups, tp, "--tensor-model-parallel-size"),
             ("ffn_hidden_size", self.ffn_hidden_size, tp, "--tensor-model-parallel-size"),
@@ -161,23 +239,45 @@ class ModelConfig:
                 )
 
 
+def _mlp_parameters(cfg: ModelConfig, width: int) -> int:
+    """One MLP (dense, expert or shared expert) of ``width`` neurons."""
+    h = cfg.hidden_size
+    fc1_out = 2 * width if cfg.gated else width
+    return h * fc1_out + width * h + ((fc1_out + h) if cfg.add_bias_linear else 0)
+
+
 def count_parameters(cfg: ModelConfig) -> Dict[str, int]:
     """Exact parameter counts of the GPTModel that :func:`build_model` makes for ``cfg``.
 
-    Returns ``{"total", "embedding", "non_embedding"}``; the output layer counts as embedding.
+    Returns ``{"total", "embedding", "non_embedding", "active"}``; the output layer counts as
+    embedding. ``active``: the parameters one token passes through (every routed expert but
+    its ``moe_router_topk`` left out; equal to ``total`` for a dense model).
     """
-    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    h, d = cfg.hidden_size, cfg.kv_channels
     q_out = cfg.num_attention_heads * d
     kv_out = cfg.num_query_groups * d
     norm = h if cfg.normalization == "RMSNorm" else 2 * h
     qkv_bias = cfg.add_bias_linear or cfg.add_qkv_bias
     attn = h * (q_out + 2 * kv_out) + (q_out + 2 * kv_out if qkv_bias else 0)
     attn += q_out * h + (h if cfg.add_bias_linear else 0)
-    fc1_out = 2 * f if cfg.gated else f
-    mlp = h * fc1_out + f * h + ((fc1_out + h) if cfg.add_bias_linear else 0)
     qk_norms = 2 * (d if cfg.normalization == "RMSNorm" else 2 * d) if cfg.qk_layernorm else 0
-    per_layer = attn + mlp + 2 * norm + qk_norms
+    common = attn + 2 * norm + qk_norms
+    dense = _mlp_parameters(cfg, cfg.ffn_hidden_size)
+    total = active = 0
+    for moe in cfg.moe_layers():
+        if not moe:
+            total += common + dense
+            active += common + dense
+            continue
+        shared = 0
+        if cfg.moe_shared_expert_intermediate_size is not None:
+            shared = _mlp_parameters(cfg, cfg.moe_shared_expert_intermediate_size)
+            shared += h if cfg.moe_shared_expert_gate else 0
+        expert = _mlp_parameters(cfg, cfg.moe_ffn_hidden_size)
+        router = cfg.num_moe_experts * (h + (1 if cfg.add_bias_linear else 0))
+        total += common + router + shared + cfg.num_moe_experts * expert
+        active += common + router + shared + cfg.moe_router_topk * expert
     embedding = cfg.vocab_size * h * (1 if cfg.tie_word_embeddings else 2)
-    non_embedding = cfg.num_layers * per_layer + norm
+    non_embedding = total + norm
     return {"total": embedding + non_embedding, "embedding": embedding,
-            "non_embedding": non_embedding}
+            "non_embedding": non_embedding, "active": embedding + active + norm}

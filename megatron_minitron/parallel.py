@@ -31,14 +31,16 @@ _HOLD = [0]  # > 0 while held_process_group() keeps the default group across sta
 
 @dataclass(frozen=True)
 class Layout:
-    """Parallel layout: tensor, pipeline and data parallel sizes."""
+    """Parallel layout: tensor, pipeline and data parallel sizes, and the expert parallel size
+    (mixture-of-experts layers split their experts over ``ep`` of the data parallel ranks)."""
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    ep: int = 1
 
     def __str__(self) -> str:
-        return f"TP={self.tp} PP={self.pp} DP={self.dp}"
+        return f"TP={self.tp} PP={self.pp} DP={self.dp}" + (f" EP={self.ep}" if self.ep > 1 else "")
 
 
 def free_port() -> int:
@@ -47,22 +49,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def check_layout(tp: int, pp: int, world_size: int) -> None:
-    if tp < 1 or pp < 1:
-        raise UsageError(f"--tensor-model-parallel-size={tp} and --pipeline-model-parallel-size={pp}"
-                         " must be >= 1")
+def check_layout(tp: int, pp: int, world_size: int, ep: int = 1) -> None:
+    if tp < 1 or pp < 1 or ep < 1:
+        raise UsageError(f"--tensor-model-parallel-size={tp}, --pipeline-model-parallel-size={pp}"
+                         f" and --expert-model-parallel-size={ep} must be >= 1")
     if world_size % (tp * pp):
         raise UsageError(
             f"TP×PP={tp}×{pp} does not divide the world size {world_size}; launch a multiple of "
             f"{tp * pp} ranks with torchrun --nproc-per-node"
         )
+    if (world_size // (tp * pp)) % ep:
+        raise UsageError(
+            f"--expert-model-parallel-size={ep} does not divide the data parallel size "
+            f"{world_size // (tp * pp)} (world {world_size} / TP×PP {tp * pp}); launch a "
+            f"multiple of {tp * pp * ep} ranks or lower EP")
 
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
+def initialize(tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1) -> Layout:
     """Initialises torch.distributed (gloo on CPU, NCCL on GPU) and mcore's model parallel groups.
 
     Works under torchrun (reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) or in a plain single
@@ -72,7 +79,7 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     from megatron.core import parallel_state, tensor_parallel
 
     world_size = world_size_from_env() if not dist.is_initialized() else dist.get_world_size()
-    check_layout(tp, pp, world_size)
+    check_layout(tp, pp, world_size, ep)
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain single process: a one-rank group on a free port
             single = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
@@ -86,7 +93,8 @@ def initialize(tp: int = 1, pp: int = 1, seed: int = 1234) -> Layout:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
@@ -98,7 +106,8 @@ def current_layout() -> Layout:
 
     return Layout(ps.get_tensor_model_parallel_world_size(),
                   ps.get_pipeline_model_parallel_world_size(),
-                  ps.get_data_parallel_world_size())
+                  ps.get_data_parallel_world_size(),
+                  ps.get_expert_model_parallel_world_size())
 
 
 def teardown() -> None:
@@ -118,9 +127,9 @@ def teardown() -> None:
 
 
 @contextlib.contextmanager
-def parallel_context(tp: int = 1, pp: int = 1, seed: int = 1234):
+def parallel_context(tp: int = 1, pp: int = 1, seed: int = 1234, ep: int = 1):
     """``with parallel_context(tp, pp) as layout:`` initialises and always tears down."""
-    layout = initialize(tp, pp, seed)
+    layout = initialize(tp, pp, seed, ep)
     try:
         yield layout
     finally:

@@ -62,11 +62,11 @@ def test_scaled_backward_scales_the_gradient():
 
 
 def test_chunk_size_follows_the_device():
-    assert loss_chunk_elements("cpu") == loss_chunk_elements(torch.device("cpu")) == 1 << 20
+    assert loss_chunk_elements("cpu") == loss_chunk_elements(torch.device("cpu")) == 1 << 21
     cuda = torch.device("cuda", 0)
     assert loss_chunk_elements(cuda, free_bytes=80 << 30) == 1 << 28  # capped
     assert loss_chunk_elements(cuda, free_bytes=3 << 30) == (3 << 30) // (8 * 6 * 4)
-    assert loss_chunk_elements("cuda", free_bytes=1 << 20) == 1 << 20  # never below the CPU's
+    assert loss_chunk_elements("cuda", free_bytes=1 << 20) == 1 << 21  # never below the CPU's
 
 
 def test_llama3_micro_batch_takes_few_chunks_on_a_gpu(monkeypatch):
@@ -77,7 +77,7 @@ def test_llama3_micro_batch_takes_few_chunks_on_a_gpu(monkeypatch):
     with FakeTensorMode():  # shapes and devices only: no memory, no GPU needed
         on_cpu = torch.empty(shape, dtype=torch.bfloat16)
         on_gpu = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
-        assert math.ceil(shape[0] / _chunk_rows(on_cpu, LogitLossSpec())) == 512
+        assert math.ceil(shape[0] / _chunk_rows(on_cpu, LogitLossSpec())) == 256
         assert math.ceil(shape[0] / _chunk_rows(on_gpu, LogitLossSpec())) == 32
 
 

@@ -55,33 +55,51 @@ def with_submodules(builder, **replacements):
                                                                        **replacements))
 
 
-def local_layer_spec(cfg: ModelConfig):
+def local_layer_spec(cfg: ModelConfig, moe: bool = False):
     """mcore's local layer spec with torch's fused attention in its ``core_attention`` slot
-    (:class:`megatron_minitron.model.attention.SDPAttention`; same weights and masking)."""
+    (:class:`megatron_minitron.model.attention.SDPAttention`; same weights and masking);
+    ``moe``: its mixture-of-experts layer (router and ``SequentialMLP`` experts)."""
     from megatron_minitron.model.attention import SDPAttention
 
-    spec = get_gpt_layer_local_spec(normalization=cfg.normalization,
+    spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts if moe else None,
+                                    normalization=cfg.normalization,
                                     qk_layernorm=cfg.qk_layernorm)
     attention = with_submodules(spec.submodules.self_attention, core_attention=SDPAttention)
     return with_submodules(spec, self_attention=attention)
 
 
+def _stage_moe_layers(cfg: ModelConfig, config: TransformerConfig) -> List[bool]:
+    """Per layer built on this pipeline stage: whether it is a mixture-of-experts layer."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    offset = get_transformer_layer_offset(config)
+    return cfg.moe_layers()[offset:offset + get_num_layers_to_build(config)]
+
+
 def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
-    """The layer spec, or for a zero-centred LayerNorm on the local spec the block's
-    submodules (its final norm must be replaced too)."""
+    """The layer spec; for a mixture-of-experts model, or a zero-centred LayerNorm on the local
+    spec (its final norm must be replaced too), the block's submodules, one spec per layer of
+    this stage."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_decoder_block_spec,
             get_gpt_layer_with_transformer_engine_spec,
         )
 
+        if cfg.is_moe:  # mcore's own per-layer dense/MoE specs (config.moe_layer_freq)
+            return get_gpt_decoder_block_spec(config, use_transformer_engine=True,
+                                              normalization=cfg.normalization)
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
-    spec = local_layer_spec(cfg)
-    if not cfg.layernorm_zero_centered_gamma:
-        return spec
+    if not cfg.is_moe and not cfg.layernorm_zero_centered_gamma:
+        return local_layer_spec(cfg)
+    specs = [local_layer_spec(cfg, moe) for moe in _stage_moe_layers(cfg, config)]
+    if not cfg.layernorm_zero_centered_gamma:  # the final norm is the layers' own norm class
+        return TransformerBlockSubmodules(
+            layer_specs=specs, layer_norm=local_layer_spec(cfg).submodules.input_layernorm)
     norms = dict(input_layernorm=ZeroCenteredLayerNorm, pre_mlp_layernorm=ZeroCenteredLayerNorm)
-    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
-                                      layer_norm=ZeroCenteredLayerNorm)
+    specs = [dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
+             for spec in specs]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=ZeroCenteredLayerNorm)
 
 
 LayerSpecFn = Callable[[ModelConfig, TransformerConfig], Any]
