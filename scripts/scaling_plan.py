@@ -78,6 +78,16 @@ def nemotron4_15b() -> ModelConfig:
                        layernorm_zero_centered_gamma=True, activation="squared_relu")
 
 
+def qwen3_30b_a3b() -> ModelConfig:
+    # Qwen3-30B-A3B's config.json: every layer MoE, 128 experts of width 768, top 8 renormalised
+    return ModelConfig(num_layers=48, hidden_size=2048, ffn_hidden_size=6144,
+                       num_attention_heads=32, num_query_groups=4, kv_channels=128,
+                       vocab_size=151936, max_position_embeddings=40960, rotary_base=1000000.0,
+                       norm_epsilon=1e-6, tie_word_embeddings=False, qk_layernorm=True,
+                       num_moe_experts=128, moe_router_topk=8, moe_ffn_hidden_size=768,
+                       moe_aux_loss_coeff=0.001)
+
+
 MODELS: Dict[str, ModelConfig] = {
     "Llama-3.1-8B": llama31_8b(),
     "Llama-3.1-Minitron-4B-Width": llama31_8b().replace(hidden_size=3072, ffn_hidden_size=9216),
@@ -86,37 +96,74 @@ MODELS: Dict[str, ModelConfig] = {
     "Minitron-8B": nemotron4_15b().replace(hidden_size=4096, ffn_hidden_size=16384),
     "Minitron-4B": nemotron4_15b().replace(hidden_size=3072, ffn_hidden_size=9216,
                                            num_attention_heads=24),
+    "Qwen3-30B-A3B": qwen3_30b_a3b(),
+    "Qwen3-30B-A3B-88E": qwen3_30b_a3b().replace(num_moe_experts=88),
 }
+MOE_TARGET = "num_moe_experts=88"
+"""The pruning target of the MoE plan (about two thirds of the experts, a multiple of EP=8)."""
 
 
 # ----------------------------------------------------------------------------- parameters
+def _mlp_params(cfg: ModelConfig, width: int) -> int:
+    fc1 = 2 * width if cfg.gated else width
+    return cfg.hidden_size * fc1 + width * cfg.hidden_size + (fc1 if cfg.add_bias_linear else 0)
+
+
 def parts(cfg: ModelConfig) -> Dict[str, int]:
-    """Parameters by how Megatron shards them: per layer split by TP / replicated; embedding;
+    """Parameters by how Megatron shards them, per layer kind: ``layer_split`` (split by TP) and
+    ``layer_replicated`` of a dense layer; for a mixture-of-experts model also ``moe_split``
+    (attention and shared expert, split by TP), ``moe_replicated`` (norms and router) and
+    ``expert`` (one routed expert, split by TP; each rank holds experts/EP of them); embedding;
     output layer (0 when tied); final norm. Sums to ``count_parameters(cfg)["total"]``."""
-    h, f, d = cfg.hidden_size, cfg.ffn_hidden_size, cfg.kv_channels
+    h, d = cfg.hidden_size, cfg.kv_channels
     q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    fc1 = 2 * f if cfg.gated else f
     norm = h if cfg.normalization == "RMSNorm" else 2 * h
-    column_bias = (q + 2 * kv if cfg.add_bias_linear or cfg.add_qkv_bias else 0)
-    column_bias += fc1 if cfg.add_bias_linear else 0
+    qk_norms = 2 * (d if cfg.normalization == "RMSNorm" else 2 * d) if cfg.qk_layernorm else 0
+    attention = h * (q + 2 * kv) + q * h + (q + 2 * kv if cfg.add_bias_linear or
+                                            cfg.add_qkv_bias else 0)
     row_bias = 2 * h if cfg.add_bias_linear else 0  # proj and fc2 biases: replicated
     result = {
-        "layer_split": h * (q + 2 * kv) + q * h + h * fc1 + f * h + column_bias,
-        "layer_replicated": 2 * norm + row_bias,
+        "layer_split": attention + _mlp_params(cfg, cfg.ffn_hidden_size),
+        "layer_replicated": 2 * norm + row_bias + qk_norms,
         "embedding": cfg.vocab_size * h,
         "output": 0 if cfg.tie_word_embeddings else cfg.vocab_size * h,
         "final_norm": norm,
     }
-    total = (result["embedding"] + result["output"] + result["final_norm"]
-             + cfg.num_layers * (result["layer_split"] + result["layer_replicated"]))
+    total = result["embedding"] + result["output"] + result["final_norm"]
+    if cfg.is_moe:
+        shared = cfg.moe_shared_expert_intermediate_size
+        result["moe_split"] = attention + (_mlp_params(cfg, shared) if shared else 0)
+        result["moe_replicated"] = (2 * norm + qk_norms + cfg.num_moe_experts * h
+                                    + (h if cfg.moe_shared_expert_gate else 0))
+        result["expert"] = _mlp_params(cfg, cfg.moe_ffn_hidden_size) + (
+            h if cfg.add_bias_linear else 0)
+    for moe in cfg.moe_layers():
+        total += (result["moe_split"] + result["moe_replicated"]
+                  + cfg.num_moe_experts * result["expert"] if moe else
+                  result["layer_split"] + result["layer_replicated"])
     assert total == count_parameters(cfg)["total"], (total, count_parameters(cfg))
     return result
 
 
-def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
-    """Parameters held by one rank of pipeline stage ``stage`` (0-based) at TP=tp, PP=pp."""
+def stage_layers(cfg: ModelConfig, pp: int, stage: int) -> List[bool]:
+    """Per layer of pipeline stage ``stage``: whether it is a mixture-of-experts layer."""
+    per_stage = cfg.num_layers // pp
+    return cfg.moe_layers()[stage * per_stage:(stage + 1) * per_stage]
+
+
+def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int, ep: int = 1,
+                 experts_only: bool = False) -> int:
+    """Parameters held by one rank of pipeline stage ``stage`` (0-based) at TP=tp, PP=pp, EP=ep
+    (``experts_only``: of them, the routed experts', whose optimizer state is sharded over the
+    expert data parallel ranks)."""
     p = parts(cfg)
-    params = cfg.num_layers // pp * (p["layer_split"] // tp + p["layer_replicated"])
+    experts = sum(cfg.num_moe_experts // ep * (p["expert"] // tp)
+                  for moe in stage_layers(cfg, pp, stage) if moe)
+    if experts_only:
+        return experts
+    params = experts + sum(p["moe_split"] // tp + p["moe_replicated"] if moe else
+                           p["layer_split"] // tp + p["layer_replicated"]
+                           for moe in stage_layers(cfg, pp, stage))
     if stage == 0:
         params += p["embedding"] // tp
     if stage == pp - 1:
@@ -127,23 +174,38 @@ def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int) -> int:
 
 
 # ----------------------------------------------------------------------------- memory
-def train_activation_elements(cfg: ModelConfig, tp: int) -> int:
+def _mlp_activations(cfg: ModelConfig, moe: bool) -> Tuple[int, int]:
+    """(elements per token kept by a layer's MLP part split over TP, replicated ones): fc1's
+    output and fc2's input of the dense MLP; of a MoE layer, those of each of its top-k routed
+    copies and of the shared expert, and the routed copies of the token going in and coming out
+    of the experts (2·k·h)."""
+    def mlp(width):
+        return (2 * width if cfg.gated else width) + width
+
+    if not moe:
+        return mlp(cfg.ffn_hidden_size), 0
+    shared = cfg.moe_shared_expert_intermediate_size
+    split = cfg.moe_router_topk * mlp(cfg.moe_ffn_hidden_size) + (mlp(shared) if shared else 0)
+    return split, 2 * cfg.moe_router_topk * cfg.hidden_size
+
+
+def train_activation_elements(cfg: ModelConfig, tp: int, moe: bool = False) -> int:
     """Activation elements kept for backward, per token and layer (bf16, flash attention, no
     recomputation, no sequence parallelism): both norms' inputs and outputs (4h, replicated over
-    TP), Q/K/V and the attention output (2q + 2kv), fc1's output and fc2's input (fc1 + f)."""
+    TP), Q/K/V and the attention output (2q + 2kv), and the MLP's (:func:`_mlp_activations`)."""
     d = cfg.kv_channels
     q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    fc1 = 2 * cfg.ffn_hidden_size if cfg.gated else cfg.ffn_hidden_size
-    return 4 * cfg.hidden_size + (2 * q + 2 * kv + fc1 + cfg.ffn_hidden_size) // tp
+    split, replicated = _mlp_activations(cfg, moe)
+    return 4 * cfg.hidden_size + replicated + (2 * q + 2 * kv + split) // tp
 
 
 def forward_activation_elements(cfg: ModelConfig, tp: int) -> int:
     """Largest live set of a no-grad forward through one layer, per token: the residual, the norm
-    output and the MLP's two intermediate tensors (or attention's Q/K/V and output if larger)."""
+    output and the MLP's intermediate tensors (or attention's Q/K/V and output if larger)."""
     d = cfg.kv_channels
     q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
-    fc1 = 2 * cfg.ffn_hidden_size if cfg.gated else cfg.ffn_hidden_size
-    return 2 * cfg.hidden_size + max(fc1 + cfg.ffn_hidden_size, 2 * q + 2 * kv) // tp
+    largest = max(_mlp_activations(cfg, moe) for moe in set(cfg.moe_layers()))
+    return 2 * cfg.hidden_size + largest[1] + max(largest[0], 2 * q + 2 * kv) // tp
 
 
 @dataclass
@@ -160,13 +222,13 @@ class Memory:
         return " + ".join(f"{name} {value / GIB:.1f}" for name, value in self.items if value)
 
 
-def importance_memory(cfg: ModelConfig, tp: int, pp: int) -> Memory:
+def importance_memory(cfg: ModelConfig, tp: int, pp: int, ep: int = 1) -> Memory:
     """bf16 weights + one micro-batch's forward working set + the last stage's logits (bf16,
     plus fp32 copies for the loss: 10 bytes per logits element)."""
     tokens = A.importance_micro_batch * A.seq_length
     worst = None
     for stage in range(pp):
-        items = [("weights", 2.0 * stage_params(cfg, tp, pp, stage)),
+        items = [("weights", 2.0 * stage_params(cfg, tp, pp, stage, ep)),
                  ("activations", 2.0 * tokens * forward_activation_elements(cfg, tp))]
         if stage == pp - 1:
             items.append(("logits", 10.0 * tokens * cfg.vocab_size / tp))
@@ -176,24 +238,26 @@ def importance_memory(cfg: ModelConfig, tp: int, pp: int) -> Memory:
 
 
 def training_memory(cfg: ModelConfig, tp: int, pp: int, dp: int,
-                    teacher: Optional[ModelConfig] = None) -> Memory:
+                    teacher: Optional[ModelConfig] = None, ep: int = 1) -> Memory:
     """Trained model: bf16 weights (2) + fp32 gradients (4) + fp32 main weights and Adam moments
-    sharded over DP by the distributed optimizer (12 / DP) bytes per parameter; activations of the
-    micro-batches 1F1B keeps in flight ((PP - stage) micro-batches of the stage's layers); on the
-    last stage the logits (student bf16, teacher bf16 and the chunked loss's extra <= 1.25 fp32
-    logits: 9 bytes per element with a teacher, 7 without). A teacher adds its frozen bf16
-    weights."""
+    sharded by the distributed optimizer (12 / DP; routed experts' over the DP / EP ranks that
+    hold the same experts) bytes per parameter; activations of the micro-batches 1F1B keeps in
+    flight ((PP - stage) micro-batches of the stage's layers); on the last stage the logits
+    (student bf16, teacher bf16 and the chunked loss's extra <= 1.25 fp32 logits: 9 bytes per
+    element with a teacher, 7 without). A teacher adds its frozen bf16 weights."""
     tokens = A.train_micro_batch * A.seq_length
-    layers = cfg.num_layers // pp
     worst = None
     for stage in range(pp):
-        params = stage_params(cfg, tp, pp, stage)
-        items = [("weights+grads", 6.0 * params), ("optimizer", 12.0 * params / dp)]
+        params = stage_params(cfg, tp, pp, stage, ep)
+        experts = stage_params(cfg, tp, pp, stage, ep, experts_only=True)
+        items = [("weights+grads", 6.0 * params),
+                 ("optimizer", 12.0 * ((params - experts) / dp + experts * ep / dp))]
         if teacher is not None:
-            items.append(("teacher", 2.0 * stage_params(teacher, tp, pp, stage)))
+            items.append(("teacher", 2.0 * stage_params(teacher, tp, pp, stage, ep)))
         in_flight = pp - stage
-        items.append(("activations",
-                      2.0 * tokens * in_flight * layers * train_activation_elements(cfg, tp)))
+        per_token = sum(train_activation_elements(cfg, tp, moe)
+                        for moe in stage_layers(cfg, pp, stage))
+        items.append(("activations", 2.0 * tokens * in_flight * per_token))
         if stage == pp - 1:
             per_element = 9.0 if teacher is not None else 7.0
             items.append(("logits", per_element * tokens * cfg.vocab_size / tp))
@@ -205,13 +269,18 @@ def training_memory(cfg: ModelConfig, tp: int, pp: int, dp: int,
 def prune_host_memory(source: ModelConfig) -> float:
     """Streamed pruning holds about two of the largest slices (embedding or one layer), bf16."""
     p = parts(source)
-    largest = max(p["embedding"], p["layer_split"] + p["layer_replicated"])
-    return 2 * 2.0 * largest
+    layer = max(p["moe_split"] + p["moe_replicated"] + source.num_moe_experts * p["expert"]
+                if moe else p["layer_split"] + p["layer_replicated"]
+                for moe in source.moe_layers())
+    return 2 * 2.0 * max(p["embedding"], layer)
 
 
 # ----------------------------------------------------------------------------- layouts and time
 def candidate_layouts(cfg: ModelConfig, gpus: int, teacher: Optional[ModelConfig] = None):
-    """(TP, PP) pairs that divide the model (and teacher) and the GPU count: TP inside a node."""
+    """(TP, PP, EP) that divide the model (and teacher) and the GPU count: TP inside a node; EP
+    (mixture-of-experts models only) divides the data parallel size and the experts."""
+    models = (cfg, teacher) if teacher else (cfg,)
+    moe = any(model.is_moe for model in models)
     for size in sorted({tp * pp for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8)}):
         for pp in (1, 2, 4, 8):
             tp = size // pp
@@ -219,12 +288,15 @@ def candidate_layouts(cfg: ModelConfig, gpus: int, teacher: Optional[ModelConfig
                 continue
             if gpus % size:
                 continue
-            try:
-                for model in (cfg, teacher) if teacher else (cfg,):
-                    model.check_layout(tp, pp)
-            except ValueError:
-                continue
-            yield tp, pp
+            for ep in (1, 2, 4, 8, 16, 32, 64) if moe else (1,):
+                if (gpus // size) % ep:
+                    continue
+                try:
+                    for model in models:
+                        model.check_layout(tp, pp, ep if model.is_moe else 1)
+                except ValueError:
+                    continue
+                yield tp, pp, ep
 
 
 def budget_bytes() -> float:
@@ -232,18 +304,28 @@ def budget_bytes() -> float:
 
 
 def recommend(memory_of, cfg: ModelConfig, gpus: int, teacher: Optional[ModelConfig] = None):
-    """The smallest TP x PP (then the smallest PP) whose worst rank fits the budget."""
-    for tp, pp in candidate_layouts(cfg, gpus, teacher):
-        memory = memory_of(tp, pp, gpus // (tp * pp))
+    """The smallest TP x PP (then the smallest PP, then the smallest EP) whose worst rank fits
+    the budget; ``memory_of(tp, pp, dp, ep)``."""
+    for tp, pp, ep in candidate_layouts(cfg, gpus, teacher):
+        memory = memory_of(tp, pp, gpus // (tp * pp), ep)
         if memory.total <= budget_bytes():
-            return tp, pp, memory
+            return tp, pp, ep, memory
     raise ValueError(f"no layout fits {gpus} GPUs")
 
 
+def layout_text(tp: int, pp: int, dp: int, ep: int, moe: bool) -> str:
+    return f"{tp}×{pp}×{dp}" + (f", EP {ep}" if moe else "")
+
+
 def forward_flops_per_token(cfg: ModelConfig) -> float:
-    """2 x (every matmul weight, output layer included) + causal attention (2 * s * q per layer)."""
+    """2 x (every matmul weight a token passes through: the output layer, and of a MoE layer
+    the router, its top-k experts and the shared expert) + causal attention (2 * s * q per
+    layer)."""
     p = parts(cfg)
-    matmul = cfg.num_layers * p["layer_split"] + (p["output"] or p["embedding"])
+    matmul = p["output"] or p["embedding"]
+    for moe in cfg.moe_layers():
+        matmul += (p["moe_split"] + (cfg.num_moe_experts * cfg.hidden_size)
+                   + cfg.moe_router_topk * p["expert"] if moe else p["layer_split"])
     attention = cfg.num_layers * 2 * A.seq_length * cfg.num_attention_heads * cfg.kv_channels
     return 2.0 * matmul + attention
 
@@ -275,11 +357,13 @@ class Row:
 
 def importance_row(name: str, gpus: int) -> Row:
     cfg = MODELS[name]
-    tp, pp, memory = recommend(lambda tp, pp, dp: importance_memory(cfg, tp, pp), cfg, gpus)
+    tp, pp, ep, memory = recommend(lambda tp, pp, dp, ep: importance_memory(cfg, tp, pp, ep),
+                                   cfg, gpus)
     passes = A.calib_samples + cfg.num_layers * A.depth_samples
     tokens = passes * A.seq_length
     time = seconds(tokens * forward_flops_per_token(cfg), gpus, A.mfu_forward)
-    return Row("importance", name, gpus, f"{tp}×{pp}×{gpus // (tp * pp)}", memory.describe(),
+    layout = layout_text(tp, pp, gpus // (tp * pp), ep, cfg.is_moe)
+    return Row("importance", name, gpus, layout, memory.describe(),
                memory.total / GIB, f"{tokens / 1e6:.0f}M fwd", duration(time))
 
 
@@ -296,12 +380,14 @@ def training_row(stage: str, student: str, teacher: Optional[str], gpus: int,
                  tokens: float) -> Row:
     cfg = MODELS[student]
     tcfg = MODELS[teacher] if teacher else None
-    tp, pp, memory = recommend(lambda tp, pp, dp: training_memory(cfg, tp, pp, dp, tcfg), cfg,
-                               gpus, tcfg)
+    tp, pp, ep, memory = recommend(
+        lambda tp, pp, dp, ep: training_memory(cfg, tp, pp, dp, tcfg, ep), cfg, gpus, tcfg)
     flops = 3 * forward_flops_per_token(cfg) + (forward_flops_per_token(tcfg) if tcfg else 0)
     time = seconds(tokens * flops, gpus, A.mfu_train)
     models = f"{student} ← {teacher}" if teacher else student
-    return Row(stage, models, gpus, f"{tp}×{pp}×{gpus // (tp * pp)}", memory.describe(),
+    moe = cfg.is_moe or (tcfg is not None and tcfg.is_moe)
+    layout = layout_text(tp, pp, gpus // (tp * pp), ep, moe)
+    return Row(stage, models, gpus, layout, memory.describe(),
                memory.total / GIB, f"{tokens / 1e9:.0f}B", duration(time))
 
 
@@ -325,27 +411,38 @@ def plans() -> Dict[str, List[Row]]:
             prune_row("Minitron-8B", "Minitron-4B"),
             training_row("distill", "Minitron-4B", "Nemotron-4-15B", big, 94e9),
         ],
+        f"Qwen3-30B-A3B → two thirds of its experts ({MOE_TARGET}), 4 DGX A100 nodes "
+        "(32 GPUs)": [
+            training_row("correct-teacher", "Qwen3-30B-A3B", None, 4 * node, A.correction_tokens),
+            importance_row("Qwen3-30B-A3B", node),
+            prune_row("Qwen3-30B-A3B", "Qwen3-30B-A3B-88E"),
+            training_row("distill", "Qwen3-30B-A3B-88E", "Qwen3-30B-A3B", 4 * node, 100e9),
+        ],
     }
 
 
 # ----------------------------------------------------------------------------- the document
 def _models_table() -> List[str]:
     lines = ["| model | layers | hidden | heads | query groups | head dim | MLP | MLP type | vocab "
-             "| parameters | embedding + output | non-embedding |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "| parameters | embedding + output | non-embedding | active per token |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: "
+             "| ---: |"]
     for name, cfg in MODELS.items():
         counts = count_parameters(cfg)
         mlp = {"swiglu": "SwiGLU", "squared_relu": "squared-ReLU", "gelu": "GeLU"}[cfg.activation]
+        width = (f"{cfg.num_moe_experts} experts × {cfg.moe_ffn_hidden_size}, top "
+                 f"{cfg.moe_router_topk}" if cfg.is_moe else f"{cfg.ffn_hidden_size}")
         lines.append(
             f"| {name} | {cfg.num_layers} | {cfg.hidden_size} | {cfg.num_attention_heads} "
-            f"| {cfg.num_query_groups} | {cfg.kv_channels} | {cfg.ffn_hidden_size} | {mlp} "
+            f"| {cfg.num_query_groups} | {cfg.kv_channels} | {width} | {mlp} "
             f"| {cfg.vocab_size} | {counts['total']:,} ({counts['total'] / 1e9:.2f}B) "
-            f"| {counts['embedding']:,} | {counts['non_embedding']:,} |")
+            f"| {counts['embedding']:,} | {counts['non_embedding']:,} "
+            f"| {counts['active'] / 1e9:.2f}B |")
     return lines
 
 
 def _plan_table(rows: List[Row]) -> List[str]:
-    lines = ["| stage | model(s) | GPUs | TP×PP×DP | memory per rank, GiB | total GiB | tokens "
+    lines = ["| stage | model(s) | GPUs | TP×PP×DP (EP) | memory per rank, GiB | total GiB | tokens "
              "| time |",
              "| --- | --- | ---: | --- | --- | ---: | ---: | ---: |"]
     for row in rows:
@@ -363,7 +460,8 @@ def _scaled_llama_days() -> float:
 
 def generate() -> str:
     out = [
-        "# Scaling plan: Llama-3.1-8B → 4B and Nemotron-4 15B → 8B → 4B on DGX A100 80GB",
+        "# Scaling plan: Llama-3.1-8B → 4B, Nemotron-4 15B → 8B → 4B and Qwen3-30B-A3B's "
+        "experts on DGX A100 80GB",
         "",
         "Generated by `python scripts/scaling_plan.py` from exact parameter counts "
         "(`megatron_minitron.config.count_parameters`); `python scripts/scaling_plan.py --check` "
@@ -399,6 +497,12 @@ def generate() -> str:
         "- Nemotron-4 models are counted as built (`activation=squared_relu`, two MLP "
         "matrices; LayerNorm1P with a bias, two vectors per norm; RoPE on half of each head), "
         "the same `ModelConfig` that `minitron import-hf` makes from `NemotronForCausalLM`.",
+        "- Mixture-of-experts models (Qwen3-30B-A3B: 48 layers, all MoE, 128 experts of width "
+        "768, top 8) split their experts over EP ranks carved out of DP (each holds "
+        "experts/EP of them, each expert's linears split by TP as mcore's default expert TP "
+        "does); the routed experts' optimizer state is sharded over the DP/EP ranks holding "
+        "the same experts. Their time counts the parameters a token passes through (router, "
+        "top-k experts), not the total.",
         f"- Checkpoints are bf16; streamed pruning reads and writes them at "
         f"{A.checkpoint_io_gbps:.0f} GB/s and takes at most twice a plain streamed copy "
         f"(the bound `bench/prune.py` checks).",
@@ -414,8 +518,8 @@ def generate() -> str:
     for title, rows in plans().items():
         out += [f"## {title}", "", *_plan_table(rows), ""]
     out += [
-        "The layout is the smallest TP×PP (then the smallest PP) whose worst rank fits; DP is "
-        "the rest of the GPUs. Teacher and student share TP and PP (co-located teacher). "
+        "The layout is the smallest TP×PP (then the smallest PP, then the smallest EP) whose "
+        "worst rank fits; DP is the rest of the GPUs. Teacher and student share TP and PP (co-located teacher). "
         "Importance and pruning need one node even in the 16-node plan (importance takes "
         "minutes there; pruning runs on the host). Training time divides by the number of "
         "nodes at the same TP×PP: on one node the Llama distillations take weeks, on 16 nodes "
@@ -443,7 +547,11 @@ def generate() -> str:
         "chunked KL's ≤ 1.25 fp32 logits; 7 without). The worst stage is reported.",
         "- **FLOPs per token** (forward) = 2 × matmul parameters (all layers and the output "
         "layer) + causal attention 2 × sequence × heads × head dim per layer; a training step "
-        "is 3 × forward for the student plus 1 × forward for the teacher.",
+        "is 3 × forward for the student plus 1 × forward for the teacher. A MoE layer counts "
+        "its router, its top-k experts and its shared expert.",
+        "- **MoE layers' activations** add, per token, each of the top-k routed copies' fc1 "
+        "output and fc2 input (split by TP) and the copies going into and out of the experts "
+        "(2·k·hidden).",
         "",
     ]
     return "\n".join(out)

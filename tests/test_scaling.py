@@ -92,22 +92,81 @@ def test_training_memory_components():
 def test_recommended_layouts_fit_and_are_minimal():
     budget = plan.budget_bytes()
     rows = [row for rows in plan.plans().values() for row in rows if row.stage != "prune"]
-    assert len(rows) == 9
+    assert len(rows) == 12
     for row in rows:
-        tp, pp, dp = (int(value) for value in row.layout.split("×"))
-        assert tp * pp * dp == row.gpus and row.total_gib * plan.GIB <= budget
+        grid, _, expert = row.layout.partition(", EP ")
+        tp, pp, dp = (int(value) for value in grid.split("×"))
+        ep = int(expert or 1)
+        assert tp * pp * dp == row.gpus and row.total_gib * plan.GIB <= budget and dp % ep == 0
         student = row.models.split(" ← ")[0]
         teacher = row.models.split(" ← ")[1] if "←" in row.models else None
         cfg, tcfg = plan.MODELS[student], plan.MODELS[teacher] if teacher else None
-        for ctp, cpp in plan.candidate_layouts(cfg, row.gpus, tcfg):
-            if (ctp, cpp) == (tp, pp):
+        for ctp, cpp, cep in plan.candidate_layouts(cfg, row.gpus, tcfg):
+            if (ctp, cpp, cep) == (tp, pp, ep):
                 break
             cdp = row.gpus // (ctp * cpp)
-            smaller = (plan.importance_memory(cfg, ctp, cpp) if row.stage == "importance"
-                       else plan.training_memory(cfg, ctp, cpp, cdp, tcfg))
-            assert smaller.total > budget, (row, ctp, cpp)
+            smaller = (plan.importance_memory(cfg, ctp, cpp, cep) if row.stage == "importance"
+                       else plan.training_memory(cfg, ctp, cpp, cdp, tcfg, cep))
+            assert smaller.total > budget, (row, ctp, cpp, cep)
         else:
             pytest.fail(f"{row.layout} is not a candidate")
+
+
+def test_qwen3_moe_is_the_published_model():
+    cfg = plan.MODELS["Qwen3-30B-A3B"]
+    counts = count_parameters(cfg)
+    # independent count: 48 MoE layers of GQA attention with per-head q/k norms, a router and
+    # 128 SwiGLU experts; untied embeddings
+    h, q, kv = 2048, 32 * 128, 4 * 128
+    attention = h * (q + 2 * kv) + q * h + 2 * 128 + 2 * h
+    expert = 3 * h * 768
+    total = 2 * 151936 * h + 48 * (attention + 128 * h + 128 * expert) + h
+    assert counts["total"] == total and abs(total / 30.5e9 - 1) < 0.01  # "30.5B"
+    assert counts["active"] == total - 48 * 120 * expert and abs(counts["active"] / 3.3e9 - 1) < 0.02
+    pruned = plan.MODELS["Qwen3-30B-A3B-88E"]
+    assert count_parameters(pruned)["active"] == counts["active"] - 48 * 40 * h
+    assert pruned.num_moe_experts == 88 and 88 % 8 == 0
+
+
+MOE_CONFIGS = [
+    plan.MODELS["Qwen3-30B-A3B"],
+    ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
+                num_query_groups=2, vocab_size=256, tie_word_embeddings=True, num_moe_experts=8,
+                moe_router_topk=2, moe_ffn_hidden_size=32,
+                moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True,
+                moe_layer_freq=[1, 0, 1, 1]),
+]
+
+
+@pytest.mark.parametrize("cfg", MOE_CONFIGS, ids=range(len(MOE_CONFIGS)))
+@pytest.mark.parametrize("tp,pp,ep", [(1, 1, 1), (1, 1, 8), (2, 2, 4), (1, 4, 2)])
+def test_moe_rank_shards_add_up_to_count_parameters(cfg, tp, pp, ep):
+    parts = plan.parts(cfg)
+    held = tp * ep * sum(plan.stage_params(cfg, tp, pp, stage, ep) for stage in range(pp))
+    experts = tp * ep * sum(plan.stage_params(cfg, tp, pp, stage, ep, experts_only=True)
+                            for stage in range(pp))
+    moe = cfg.moe_layers()
+    routed = sum(moe) * cfg.num_moe_experts * parts["expert"]
+    assert experts == routed  # every expert once over the EP x TP grid
+    # everything else is held by each of the ep copies; TP-replicated parts tp times
+    replicated = (sum(moe) * parts["moe_replicated"]
+                  + (len(moe) - sum(moe)) * parts["layer_replicated"] + parts["final_norm"])
+    tied_copy = parts["embedding"] if cfg.tie_word_embeddings and pp > 1 else 0
+    rest = held - experts
+    assert rest == ep * (count_parameters(cfg)["total"] - routed + tied_copy
+                         + (tp - 1) * replicated)
+
+
+def test_expert_parallelism_shrinks_expert_memory():
+    cfg = plan.MODELS["Qwen3-30B-A3B"]
+    one = dict(plan.training_memory(cfg, 1, 1, 32, None, 1).items)
+    eight = dict(plan.training_memory(cfg, 1, 1, 32, None, 8).items)
+    assert eight["weights+grads"] < one["weights+grads"] / 4
+    # the experts' optimizer state is sharded over DP/EP ranks: it does not shrink with EP
+    experts = plan.stage_params(cfg, 1, 1, 0, 1, experts_only=True)
+    assert eight["optimizer"] == pytest.approx(one["optimizer"], rel=1e-9)
+    assert one["optimizer"] == pytest.approx(
+        12 * (plan.stage_params(cfg, 1, 1, 0) - experts) / 32 + 12 * experts / 32)
 
 
 def test_doc_states_the_exact_counts_and_is_up_to_date():
