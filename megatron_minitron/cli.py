@@ -50,6 +50,9 @@ def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
                        help="tensor parallel size (default 1)")
     group.add_argument("--pipeline-model-parallel-size", "--pp", dest="pp", type=int, default=1,
                        help="pipeline parallel size (default 1)")
+    group.add_argument("--expert-model-parallel-size", "--ep", dest="ep", type=int, default=1,
+                       help="expert parallel size of mixture-of-experts models: experts split "
+                            "over this many of the data parallel ranks (default 1)")
     group.add_argument("--seed", type=int, default=1234, help="random seed (default 1234)")
 
 

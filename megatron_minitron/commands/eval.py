@@ -126,7 +126,7 @@ def evaluate_checkpoint(args, names=()) -> dict:
     from megatron_minitron.evaluation.tasks import score_tasks
 
     cfg = checkpoint_config(args.load)
-    layout = parallel.initialize(args.tp, args.pp, args.seed)
+    layout = parallel.initialize(args.tp, args.pp, args.seed, ep=args.ep)
     cfg.check_layout(layout.tp, layout.pp)
     prepared = _prepared_tasks(args, names, cfg) if names else None
     dtype = params_dtype(getattr(args, "precision", "auto"))
