@@ -80,8 +80,9 @@ def moe_layer_pattern(hf_config, arch: str, where: str) -> List[int]:
     layers = hf_config.num_hidden_layers
     if arch == MIXTRAL:
         return [1] * layers
-    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
-    if not isinstance(step, int) or step < 1:
+    step = getattr(hf_config, "decoder_sparse_step", None)
+    step = 1 if step is None else step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
         raise UsageError(f"{where}: decoder_sparse_step={step} is not supported; it must be a "
                          "positive integer")
     dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
