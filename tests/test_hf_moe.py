@@ -27,7 +27,7 @@ SEQ = 40
 
 # Published config.json fields; hidden_size, intermediate sizes, head counts, head_dim, the
 # number of experts, num_hidden_layers and vocab_size are shrunk (real values in the
-# comments), everything else is as published.
+# comments), token ids moved into the small vocabulary, everything else is as published.
 FAMILIES = {
     # mistralai/Mixtral-8x7B-v0.1: hidden 4096, ffn 14336, 32 heads of 128, 8 KV heads,
     # 32 layers, 8 experts, top 2
@@ -50,7 +50,7 @@ FAMILIES = {
         rms_norm_eps=1e-06, rope_theta=1000000.0, router_aux_loss_coef=0.001,
         sliding_window=32768, use_sliding_window=False, tie_word_embeddings=False,
         attention_dropout=0.0, output_router_logits=False, initializer_range=0.02,
-        bos_token_id=151643, eos_token_id=151643),
+        bos_token_id=1, eos_token_id=2),
     # Qwen/Qwen3-30B-A3B: hidden 2048, ffn 6144, expert 768, 32 heads of 128 (4096 = 2 x
     # hidden), 4 KV heads, 48 layers, 128 experts, top 8, renormalised
     "qwen3-moe": dict(
@@ -62,7 +62,7 @@ FAMILIES = {
         rms_norm_eps=1e-06, rope_theta=1000000.0, rope_scaling=None, attention_bias=False,
         router_aux_loss_coef=0.001, sliding_window=None, use_sliding_window=False,
         tie_word_embeddings=False, attention_dropout=0.0, output_router_logits=False,
-        initializer_range=0.02, bos_token_id=151643, eos_token_id=151645),
+        initializer_range=0.02, bos_token_id=1, eos_token_id=2),
 }
 # Variants of the published configs for the options those leave at one value: dense layers
 # from decoder_sparse_step and mlp_only_layers, the other norm_topk_prob, tied embeddings.
@@ -235,7 +235,8 @@ def test_ep2_logits(families):
     root = next(iter(families.values()))["root"]
     jobs = []
     for name, case in families.items():
-        tokens_file, logits_file = str(root / f"{name}.ep.tokens.pt"), str(root / f"{name}.ep2.pt")
+        tokens_file = str(root / f"{name}.ep.tokens.pt")
+        logits_file = str(root / f"{name}.ep2.pt")
         torch.save(case["tokens"], tokens_file)
         jobs.append((case["ckpt"], tokens_file, logits_file))
     spawn(_logits_at_ep, 2, jobs, 2)
@@ -262,7 +263,8 @@ def _file_keys(folder):
 MOE_CONFIG_FIELDS = ("num_local_experts", "num_experts", "num_experts_per_tok",
                      "intermediate_size", "moe_intermediate_size",
                      "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
-                     "mlp_only_layers", "router_aux_loss_coef", "qkv_bias", "tie_word_embeddings", "rms_norm_eps", "num_key_value_heads")
+                     "mlp_only_layers", "router_aux_loss_coef", "qkv_bias", "tie_word_embeddings",
+                     "rms_norm_eps", "num_key_value_heads")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -356,7 +358,7 @@ def _write_moe_config(folder, family, **changes):
     ("mixtral", dict(sliding_window=4096), "sliding_window=4096"),
     ("mixtral", dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size=64"),
     ("mixtral", dict(hidden_act="gelu"), "hidden_act='gelu'"),
-    ("mixtral", dict(num_experts_per_tok=9), "moe_router_topk=9"),
+    ("mixtral", dict(num_experts_per_tok=9), "num_experts_per_tok=9"),
     ("qwen1.5-moe", dict(use_sliding_window=True, sliding_window=64, max_window_layers=2),
      "sliding_window=64"),
     ("qwen1.5-moe", dict(shared_expert_intermediate_size=0), "shared_expert_intermediate_size=0"),

@@ -4,8 +4,10 @@ Supported: ``LlamaForCausalLM`` (Llama 2, Llama 3.x with its ``llama3`` RoPE sca
 ``MistralForCausalLM`` without a sliding window (Mistral-NeMo's head_dim included),
 ``Qwen2ForCausalLM`` (QKV bias, no sliding window), ``Qwen3ForCausalLM`` (per-head q/k RMSNorm,
 dense) and ``NemotronForCausalLM`` (Nemotron-4: squared-ReLU MLP, LayerNorm1P with bias, partial
-RoPE). Anything the mcore model cannot reproduce exactly raises a one-line :class:`UsageError`
-naming the value.
+RoPE). The mixture-of-experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM`` and
+``Qwen3MoeForCausalLM`` share this attention and dense-layer mapping; their routers, experts and
+shared experts are mapped in :mod:`megatron_minitron.hf.moe`. Anything the mcore model cannot
+reproduce exactly raises a one-line :class:`UsageError` naming the value.
 
 Weight layout (per layer ``i``, HF names under ``model.layers.{i}``)::
 
@@ -17,6 +19,8 @@ Weight layout (per layer ``i``, HF names under ``model.layers.{i}``)::
     mlp.{gate,up}_proj         <-> MLP fc1 = cat[gate, up] (SwiGLU); mlp.up_proj alone when
                                    the MLP is not gated (Nemotron)
     mlp.down_proj              <-> MLP fc2
+    mlp.* / block_sparse_moe.* <-> router, routed and shared experts of a MoE layer
+                                   (:mod:`megatron_minitron.hf.moe`)
 
 plus ``model.embed_tokens``, ``model.norm`` and ``lm_head`` (untied models only).
 

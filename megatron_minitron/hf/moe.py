@@ -96,6 +96,10 @@ def check_supported(hf_config, arch: str, where: str) -> None:
     if not experts or experts < 1:
         raise UsageError(f"{where}: {_experts_field(arch)}={experts} is not supported; a "
                          f"{arch} needs at least one expert")
+    topk = getattr(hf_config, "num_experts_per_tok", None)
+    if not isinstance(topk, int) or not 1 <= topk <= experts:
+        raise UsageError(f"{where}: num_experts_per_tok={topk} is not supported; it must be "
+                         f"between 1 and {_experts_field(arch)}={experts}")
     pattern = moe_layer_pattern(hf_config, arch, where)
     if not any(pattern):
         step = getattr(hf_config, "decoder_sparse_step", None)
