@@ -325,6 +325,7 @@ def test_export_architecture_choice():
     assert config.architectures == ["Qwen2MoeForCausalLM"]
     assert (config.decoder_sparse_step, config.mlp_only_layers) == (1, [1])
     assert config.norm_topk_prob is False and config.shared_expert_intermediate_size == 48
+    assert hf_config_from(tiny_moe_config(), torch.float32).qkv_bias is False  # transformers 5
     plain = dict(moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False)
     qwen3 = tiny_moe_config(qk_layernorm=True, moe_layer_freq=[0, 1, 0, 1], **plain)
     config = hf_config_from(qwen3, torch.float32)

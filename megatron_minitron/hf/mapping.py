@@ -467,9 +467,8 @@ def load_hf_state(model, cfg: ModelConfig, hf_state: Dict[str, torch.Tensor], wh
     Raises UsageError for a missing, surplus or mis-shaped tensor.
     """
     if cfg.is_moe:  # either expert layout: transformers 5's fused tensors or per-expert names
-        fused = moe.unfuse_experts(hf_state, _moe_architecture(cfg))
-        hf_state.clear()
-        hf_state.update(fused)
+        per_expert = moe.unfuse_experts(hf_state, _moe_architecture(cfg))
+        hf_state.update(per_expert)
     for kind, names, target in weight_slots(model, cfg):
         missing = [n for n in names if n not in hf_state]
         if missing:

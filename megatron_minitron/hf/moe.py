@@ -222,8 +222,10 @@ def hf_choice(cfg: ModelConfig) -> Tuple[str, Dict[str, Any]]:
 def check_written(hf_config, cfg: ModelConfig) -> Optional[str]:
     """Why the transformers config built for ``cfg`` would not hold it (a release whose
     Qwen2-MoE always has QKV biases), or None."""
-    if type(hf_config).__name__ == "Qwen2MoeConfig":
-        if bool(getattr(hf_config, "qkv_bias", True)) != cfg.add_qkv_bias:
+    if type(hf_config).__name__ == "Qwen2MoeConfig" and not cfg.add_qkv_bias:
+        # transformers 5 declares the field; older releases keep an unknown qkv_bias=False as
+        # a plain attribute but build the biases regardless
+        if not hasattr(type(hf_config), "qkv_bias"):
             return ("add_qkv_bias=False: this transformers' Qwen2-MoE always has QKV biases; "
                     "upgrade transformers")
     return None
