@@ -18,7 +18,13 @@ from megatron_minitron.hf.convert import _load_hf_state
 from megatron_minitron.hf.mapping import hf_config_from, hf_exportable
 from megatron_minitron.model.forward import full_logits
 from megatron_minitron.testing import spawn, tiny_moe_config
-from test_hf import _assert_one_line_error, _assert_same_state, _load_hf, _logits_at_tp
+from test_hf import (
+    _assert_one_line_error,
+    _assert_same_state,
+    _load_hf,
+    _logits_at_tp,
+    _run_cli,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -288,6 +294,20 @@ def test_round_trip_is_exact(families, family, tmp_path, monkeypatch):
     _assert_same_state(case["model"].state_dict(), reloaded.state_dict())
     with torch.no_grad():
         assert torch.equal(reloaded(case["tokens"]).logits, case["logits"])
+
+
+def test_cli_round_trip_in_bf16(families, tmp_path, monkeypatch):
+    """``minitron import-hf`` then ``export-hf --dtype bfloat16``: the bf16 weights of the
+    source, under the source's class."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    case = families["qwen2-moe-sparse-step"]
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "exported")
+    assert _run_cli(["import-hf", "--hf-path", case["hf"], "--output", ckpt]) == 0
+    assert _run_cli(["export-hf", "--load", ckpt, "--output", out, "--dtype", "bfloat16"]) == 0
+    reloaded = _load_hf(out)
+    assert reloaded.config.architectures == ["Qwen2MoeForCausalLM"]
+    want = {k: v.to(torch.bfloat16).float() for k, v in case["model"].state_dict().items()}
+    _assert_same_state(want, reloaded.state_dict())
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2-moe-sparse-step"])
