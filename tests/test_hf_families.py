@@ -446,8 +446,8 @@ def test_search_names_candidates_that_cannot_be_exported(caplog):
           sliding_window=64, max_window_layers=0), "sliding_window=64"),
     (dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=16,
           attention_bias=True), "attention_bias=True"),
-    (dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", num_experts=8),
-     "Qwen3MoeForCausalLM"),
+    (dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+          n_routed_experts=8), "DeepseekV3ForCausalLM"),  # a MoE family not in test_hf_moe
     (dict(architectures=["GemmaForCausalLM"], model_type="gemma", head_dim=16),
      "GemmaForCausalLM"),
 ])

@@ -1,4 +1,5 @@
-"""Hugging Face Llama-family, Qwen and Nemotron models in and out of our checkpoints."""
+"""Hugging Face Llama-family, Qwen and Nemotron models, and the Mixtral, Qwen2-MoE and Qwen3-MoE
+mixtures of experts, in and out of our checkpoints."""
 
 from megatron_minitron.hf.convert import export_hf, import_hf  # noqa: F401
 from megatron_minitron.hf.mapping import (  # noqa: F401

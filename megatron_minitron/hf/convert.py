@@ -133,8 +133,8 @@ def _load_hf_state(hf_path: str, gguf_file: Optional[str], where: str) -> Dict[s
 
 def import_hf(hf_path: str, output: str, gguf_file: Optional[str] = None,
               output_format: str = "minitron") -> ModelConfig:
-    """Converts a Hugging Face Llama/Mistral/Qwen2/Qwen3/Nemotron model into a checkpoint at
-    ``output``.
+    """Converts a Hugging Face Llama/Mistral/Qwen2/Qwen3/Nemotron or Mixtral/Qwen2-MoE/Qwen3-MoE
+    model into a checkpoint at ``output``.
 
     Args:
         hf_path: directory of a model saved by ``save_pretrained``, or holding a GGUF file.
@@ -241,8 +241,9 @@ def export_hf(load: str, output: str, dtype: torch.dtype = torch.float32,
 
     Raises:
         UsageError: ``load`` is not a checkpoint, ``output`` exists and is not empty, or the
-            model has no Llama/Mistral/Qwen2/Qwen3/Nemotron equivalent that the installed
-            transformers accepts (checked before anything is written).
+            model has no Llama/Mistral/Qwen2/Qwen3/Nemotron (or, with experts, Mixtral/
+            Qwen2-MoE/Qwen3-MoE) equivalent that the installed transformers accepts (checked
+            before anything is written).
     """
     from megatron_minitron import adapter, parallel
     from megatron_minitron.checkpoint import io

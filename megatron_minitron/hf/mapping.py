@@ -4,8 +4,10 @@ Supported: ``LlamaForCausalLM`` (Llama 2, Llama 3.x with its ``llama3`` RoPE sca
 ``MistralForCausalLM`` without a sliding window (Mistral-NeMo's head_dim included),
 ``Qwen2ForCausalLM`` (QKV bias, no sliding window), ``Qwen3ForCausalLM`` (per-head q/k RMSNorm,
 dense) and ``NemotronForCausalLM`` (Nemotron-4: squared-ReLU MLP, LayerNorm1P with bias, partial
-RoPE). Anything the mcore model cannot reproduce exactly raises a one-line :class:`UsageError`
-naming the value.
+RoPE). The mixture-of-experts ``MixtralForCausalLM``, ``Qwen2MoeForCausalLM`` and
+``Qwen3MoeForCausalLM`` share this attention and dense-layer mapping; their routers, experts and
+shared experts are mapped in :mod:`megatron_minitron.hf.moe`. Anything the mcore model cannot
+reproduce exactly raises a one-line :class:`UsageError` naming the value.
 
 Weight layout (per layer ``i``, HF names under ``model.layers.{i}``)::
 
@@ -17,6 +19,8 @@ Weight layout (per layer ``i``, HF names under ``model.layers.{i}``)::
     mlp.{gate,up}_proj         <-> MLP fc1 = cat[gate, up] (SwiGLU); mlp.up_proj alone when
                                    the MLP is not gated (Nemotron)
     mlp.down_proj              <-> MLP fc2
+    mlp.* / block_sparse_moe.* <-> router, routed and shared experts of a MoE layer
+                                   (:mod:`megatron_minitron.hf.moe`)
 
 plus ``model.embed_tokens``, ``model.norm`` and ``lm_head`` (untied models only).
 
@@ -39,6 +43,7 @@ import torch
 from megatron_minitron import adapter
 from megatron_minitron.config import LLAMA3_ROPE_FIXED, ModelConfig
 from megatron_minitron.errors import UsageError
+from megatron_minitron.hf import moe
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -46,6 +51,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "NemotronForCausalLM": "nemotron",
+    **moe.MOE_ARCHITECTURES,
 }
 """Supported HF architectures and their ``model_type``."""
 
@@ -131,12 +137,17 @@ def _check_supported(hf_config, arch: str, where: str) -> None:
     if act != expected_act:
         kind = "relu2 (squared ReLU)" if nemotron else "silu (SwiGLU)"
         raise UsageError(f"{where}: hidden_act={act!r} is not supported for {arch}; only {kind}")
-    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
-        if getattr(hf_config, name, None):
-            raise UsageError(f"{where}: {name}={getattr(hf_config, name)} (mixture of experts) "
-                             "is not supported; only dense models")
+    if moe.is_moe_architecture(arch):
+        moe.check_supported(hf_config, arch, where)
+    else:
+        for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+            if getattr(hf_config, name, None):
+                raise UsageError(f"{where}: {name}={getattr(hf_config, name)} (mixture of "
+                                 f"experts) is not supported for {arch}; only dense models "
+                                 f"(MoE: {', '.join(moe.MOE_ARCHITECTURES)})")
     window = getattr(hf_config, "sliding_window", None)
-    windowed = getattr(hf_config, "use_sliding_window", arch == "MistralForCausalLM")
+    windowed = getattr(hf_config, "use_sliding_window",
+                       arch in ("MistralForCausalLM", moe.MIXTRAL))
     if windowed and window and window < hf_config.max_position_embeddings:
         raise UsageError(f"{where}: sliding_window={window} is not supported; Megatron-Core "
                          "attends over the full context (use a model without a sliding window)")
@@ -168,14 +179,20 @@ def _family_fields(hf_config, arch: str, rope: Dict[str, Any]) -> Dict[str, Any]
                     norm_epsilon=float(hf_config.norm_eps), activation="squared_relu",
                     rotary_percent=_partial_rotary(hf_config, rope), add_bias_linear=bias,
                     add_qkv_bias=False)
-    return dict(normalization="RMSNorm", norm_epsilon=float(hf_config.rms_norm_eps),
-                activation="swiglu", add_bias_linear=False,
-                add_qkv_bias=arch == "Qwen2ForCausalLM",
-                qk_layernorm=arch == "Qwen3ForCausalLM")
+    fields = dict(normalization="RMSNorm", norm_epsilon=float(hf_config.rms_norm_eps),
+                  activation="swiglu", add_bias_linear=False,
+                  add_qkv_bias=arch == "Qwen2ForCausalLM",
+                  qk_layernorm=arch in ("Qwen3ForCausalLM", moe.QWEN3_MOE))
+    if arch == moe.QWEN2_MOE:  # transformers 5 makes the QKV bias optional (qkv_bias)
+        fields["add_qkv_bias"] = bool(getattr(hf_config, "qkv_bias", True))
+    if moe.is_moe_architecture(arch):
+        fields.update(moe.moe_fields(hf_config, arch, ""))
+    return fields
 
 
 def config_from_hf(hf_config, arch: str, where: str) -> ModelConfig:
-    """Maps a transformers Llama/Mistral/Qwen2/Qwen3/Nemotron config onto our ModelConfig."""
+    """Maps a transformers Llama/Mistral/Qwen2/Qwen3/Nemotron config, or a Mixtral/Qwen2-MoE/
+    Qwen3-MoE one (:mod:`megatron_minitron.hf.moe`), onto our ModelConfig."""
     _check_supported(hf_config, arch, where)
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
@@ -213,6 +230,8 @@ def nemotron_like(cfg: ModelConfig) -> bool:
 def _export_problems(cfg: ModelConfig) -> Tuple[List[str], str]:
     """(what in ``cfg`` has no HF equivalent, what the chosen HF architecture needs)."""
     problems = []
+    if cfg.is_moe:
+        return _rms_swiglu_problems(cfg) + moe.export_choice(cfg)[1], moe.EXPORT_FIX
     if nemotron_like(cfg):
         if cfg.normalization != "LayerNorm" or not cfg.layernorm_zero_centered_gamma:
             problems.append(f"normalization={cfg.normalization} with layernorm_zero_centered_"
@@ -223,6 +242,18 @@ def _export_problems(cfg: ModelConfig) -> Tuple[List[str], str]:
             problems.append("qk_layernorm=True")
         return problems, ("Nemotron export needs squared_relu + LayerNorm with "
                           "layernorm_zero_centered_gamma=True and no qk_layernorm")
+    problems = _rms_swiglu_problems(cfg)
+    if cfg.qk_layernorm and cfg.add_qkv_bias:
+        problems.append("qk_layernorm=True with add_qkv_bias=True")
+    return problems, ("export supports RMSNorm + SwiGLU + full RoPE models (Llama/Mistral, "
+                      "Qwen2 with QKV bias, Qwen3 with qk_layernorm) and squared_relu + "
+                      "zero-centred LayerNorm models (Nemotron)")
+
+
+def _rms_swiglu_problems(cfg: ModelConfig) -> List[str]:
+    """What keeps ``cfg`` from being a Llama-like model (RMSNorm, SwiGLU, no biases, full
+    RoPE)."""
+    problems = []
     if cfg.normalization != "RMSNorm":
         problems.append(f"normalization={cfg.normalization}")
     if not cfg.gated:
@@ -231,11 +262,7 @@ def _export_problems(cfg: ModelConfig) -> Tuple[List[str], str]:
         problems.append("add_bias_linear=True")
     if cfg.rotary_percent != 1.0:
         problems.append(f"rotary_percent={cfg.rotary_percent}")
-    if cfg.qk_layernorm and cfg.add_qkv_bias:
-        problems.append("qk_layernorm=True with add_qkv_bias=True")
-    return problems, ("export supports RMSNorm + SwiGLU + full RoPE models (Llama/Mistral, "
-                      "Qwen2 with QKV bias, Qwen3 with qk_layernorm) and squared_relu + "
-                      "zero-centred LayerNorm models (Nemotron)")
+    return problems
 
 
 def _hf_choices(cfg: ModelConfig) -> List[Tuple[str, Dict[str, Any]]]:
@@ -243,6 +270,8 @@ def _hf_choices(cfg: ModelConfig) -> List[Tuple[str, Dict[str, Any]]]:
     for squared-ReLU models, Qwen3 with q/k norms, Qwen2 with a QKV bias only, else Llama, or
     Mistral (which accepts a hidden size that is no multiple of the heads) for what LlamaConfig
     refuses and for models imported from Mistral."""
+    if cfg.is_moe:
+        return [moe.hf_choice(cfg)]
     if nemotron_like(cfg):
         return [("NemotronConfig", dict(
             hidden_act="relu2", norm_eps=cfg.norm_epsilon,
@@ -303,8 +332,8 @@ def hf_config_from(cfg: ModelConfig, dtype: torch.dtype, token_ids: Optional[Dic
     for class_name, family in _hf_choices(cfg):
         arch = class_name[:-len("Config")] + "ForCausalLM"
         try:
-            hf_config = getattr(transformers, class_name)(architectures=[arch], **family,
-                                                          **kwargs)
+            hf_config = getattr(transformers, class_name)(architectures=[arch],
+                                                          **{**kwargs, **family})
             break
         except Exception as err:  # noqa: BLE001 - any refusal by transformers' validation
             refusals.append(f"{arch}: {_last_line(err)}")
@@ -313,6 +342,9 @@ def hf_config_from(cfg: ModelConfig, dtype: torch.dtype, token_ids: Optional[Dic
                          f"{cfg.num_attention_heads}, kv_channels={cfg.kv_channels} cannot be "
                          f"written for transformers {transformers.__version__} "
                          f"({'; '.join(refusals)}); prune to a shape it accepts")
+    refusal = moe.check_written(hf_config, cfg) if cfg.is_moe else None
+    if refusal:
+        raise UsageError(f"model config {refusal}")
     # transformers 5 names the weight dtype "dtype", older releases "torch_dtype"
     setattr(hf_config, "dtype" if hasattr(hf_config, "dtype") else "torch_dtype", dtype)
     return hf_config
@@ -375,6 +407,15 @@ def _norm_slots(hf_name: str, norm, cfg: ModelConfig) -> List[Tuple[str, List[st
     return slots
 
 
+def _moe_architecture(cfg: ModelConfig) -> Optional[str]:
+    """The HF MoE architecture whose weight names a MoE ``cfg`` uses (the one export writes;
+    the source architecture for an imported model), None for a dense model."""
+    if not cfg.is_moe:
+        return None
+    arch = moe.export_choice(cfg)[0] or cfg.extra.get("hf_architecture")
+    return arch if moe.is_moe_architecture(arch) else moe.MIXTRAL
+
+
 def weight_slots(model, cfg: ModelConfig) -> List[Tuple[str, List[str], torch.Tensor]]:
     """``(kind, hf_names, mcore_tensor)`` for every weight of a TP=1, PP=1 model (either spec:
     a norm's tensors are its own module's or those of the linear it is fused into).
@@ -384,6 +425,7 @@ def weight_slots(model, cfg: ModelConfig) -> List[Tuple[str, List[str], torch.Te
     bias = cfg.add_bias_linear
     fc1_kind = "fc1" if cfg.gated else "copy"
     fc1_names = ["mlp.gate_proj", "mlp.up_proj"] if cfg.gated else ["mlp.up_proj"]
+    moe_arch = _moe_architecture(cfg)
     slots = [("copy", ["model.embed_tokens.weight"], adapter.word_embeddings(model).weight)]
     for layer in adapter.decoder_layers(model):
         i = adapter.layer_global_index(layer)
@@ -391,7 +433,6 @@ def weight_slots(model, cfg: ModelConfig) -> List[Tuple[str, List[str], torch.Te
         input_norm, pre_mlp_norm = adapter.layer_norms(layer)
         qkv = adapter.attention_qkv(layer)
         proj = adapter.attention_output_projection(layer)
-        fc1, fc2 = adapter.mlp_fc1(layer), adapter.mlp_fc2(layer)
         attn = [hf + f"self_attn.{p}_proj." for p in "qkv"]
         slots += _norm_slots(hf + "input_layernorm", input_norm, cfg)
         slots.append(("qkv", [n + "weight" for n in attn], qkv.weight))
@@ -403,6 +444,10 @@ def weight_slots(model, cfg: ModelConfig) -> List[Tuple[str, List[str], torch.Te
         if bias:
             slots.append(("copy", [hf + "self_attn.o_proj.bias"], proj.bias))
         slots += _norm_slots(hf + "post_attention_layernorm", pre_mlp_norm, cfg)
+        if adapter.is_moe_layer(layer):
+            slots += moe.layer_slots(layer, cfg, hf, moe_arch)
+            continue
+        fc1, fc2 = adapter.mlp_fc1(layer), adapter.mlp_fc2(layer)
         slots.append((fc1_kind, [hf + n + ".weight" for n in fc1_names], fc1.weight))
         if bias:
             slots.append((fc1_kind, [hf + n + ".bias" for n in fc1_names], fc1.bias))
@@ -421,6 +466,9 @@ def load_hf_state(model, cfg: ModelConfig, hf_state: Dict[str, torch.Tensor], wh
 
     Raises UsageError for a missing, surplus or mis-shaped tensor.
     """
+    if cfg.is_moe:  # either expert layout: transformers 5's fused tensors or per-expert names
+        per_expert = moe.unfuse_experts(hf_state, _moe_architecture(cfg))
+        hf_state.update(per_expert)
     for kind, names, target in weight_slots(model, cfg):
         missing = [n for n in names if n not in hf_state]
         if missing:
