@@ -304,3 +304,89 @@ def test_prune_help_lists_the_moe_keys(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for key in ("num_moe_experts", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
         assert key in text
+
+
+def test_search_space_enumerates_moe_axes_by_total_or_active_count():
+    from megatron_minitron.search import enumerate_candidates
+    from megatron_minitron.search.space import check_space
+
+    source = tiny_moe_config()
+    space = check_space({"num_moe_experts": [2, 4, 6], "moe_ffn_hidden_size": [16, 32],
+                         "moe_shared_expert_intermediate_size": [24, 48]}, source)
+    everything = {}
+    for budget in ("total", "active"):
+        counts = sorted(count_parameters(target_config(source, {
+            "num_moe_experts": e, "moe_ffn_hidden_size": f,
+            "moe_shared_expert_intermediate_size": s}))[budget]
+            for e in (2, 4, 6) for f in (16, 32) for s in (24, 48))
+        middle = counts[len(counts) // 2]
+        candidates, stats = enumerate_candidates(source, space, middle, 0.03, budget=budget)
+        assert stats["combinations"] == 12 and candidates
+        for candidate in candidates:
+            assert candidate.params == count_parameters(candidate.config)[budget]
+            assert abs(candidate.params - middle) <= 0.03 * middle
+            assert candidate.name.startswith("L4-H64-F96-A4-G2-E")
+            assert set(candidate.architecture()) >= {"num_moe_experts", "moe_ffn_hidden_size"}
+        everything[budget] = {c.name for c in candidates}
+    # routed experts beyond the top k are not active: the budgets pick other candidates
+    assert everything["total"] != everything["active"]
+    with pytest.raises(UsageError, match="field 'num_moe_experts' needs a mixture-of-experts"):
+        check_space({"num_moe_experts": [2]}, tiny_config())
+    with pytest.raises(UsageError, match="outside 1..6"):
+        check_space({"num_moe_experts": [8]}, source)
+
+
+def test_search_counts_the_moe_pattern_of_the_layers_it_keeps():
+    from megatron_minitron.search import enumerate_candidates
+
+    source = tiny_moe_config()  # MoE, dense, MoE, MoE
+    space = {"num_layers": [3]}
+    dense_kept = count_parameters(target_config(source, {"num_layers": 3},
+                                                kept_layers=[0, 1, 2]))["total"]
+    moe_kept = count_parameters(target_config(source, {"num_layers": 3},
+                                              kept_layers=[0, 2, 3]))["total"]
+    assert dense_kept < moe_kept
+    found, _ = enumerate_candidates(source, space, moe_kept, 0.0,
+                                    kept_layers=lambda n: [0, 2, 3])
+    assert [c.params for c in found] == [moe_kept]
+    assert found[0].config.moe_layer_freq == [1, 1, 1]
+
+
+def test_search_flags_and_tables(tmp_path):
+    from megatron_minitron.commands import search as command
+    from megatron_minitron.search.runner import SearchSettings, write_summary
+
+    parser = cli_parser("search")
+    base = ["search", "--load", "l", "--scores", "s", "--space", "x", "--output", "o"]
+    args = parser.parse_args(base + ["--active-params", "1.5M"])
+    settings = command._settings(args)
+    assert settings.params == 1_500_000 and settings.budget == "active"
+    args = parser.parse_args(base + ["--params", "2M"])
+    assert command._settings(args).budget == "total"
+    with pytest.raises(SystemExit):  # one budget or the other
+        parser.parse_args(base + ["--params", "2M", "--active-params", "1M"])
+    with pytest.raises(UsageError, match="--active-params 'lots'"):
+        command._settings(parser.parse_args(base + ["--active-params", "lots"]))
+    arch = {"num_layers": 4, "hidden_size": 64, "ffn_hidden_size": 96,
+            "num_attention_heads": 4, "num_query_groups": 2, "num_moe_experts": 4,
+            "moe_ffn_hidden_size": 16, "moe_shared_expert_intermediate_size": 24}
+    results = [{"name": f"c{i}", "params": 1000 + i, "active_params": 500 + i,
+                "architecture": arch, "zero_shot": {"ce": 2.0 - i, "kd": 1.0},
+                "checkpoint": str(tmp_path)} for i in range(2)]
+    out = tmp_path / "search"
+    out.mkdir()
+    settings = SearchSettings(load="l", scores="s", params=500, space="x", output=str(out),
+                              retrain=False, budget="active")
+    summary = write_summary(settings, "500 active ±5%", results)
+    assert summary["best"] == "c1"
+    header = (out / "search.csv").read_text().splitlines()[0].split(",")
+    assert header[header.index("num_query_groups") + 1:][:4] == [
+        "active_params", "num_moe_experts", "moe_ffn_hidden_size",
+        "moe_shared_expert_intermediate_size"]
+    assert "active_params" in (out / "search.md").read_text()
+
+
+def cli_parser(name):
+    from megatron_minitron.cli import build_parser
+
+    return build_parser(only=name)
