@@ -390,3 +390,31 @@ def cli_parser(name):
     from megatron_minitron.cli import build_parser
 
     return build_parser(only=name)
+
+
+def test_iterative_rounds_shrink_the_moe_axes(sources):
+    from megatron_minitron.prune.iterative import iterative_prune, round_targets
+
+    root, ckpt, model, cfg, scores = sources()
+    target = {"num_moe_experts": 2, "moe_ffn_hidden_size": 16,
+              "moe_shared_expert_intermediate_size": 24}
+    steps = round_targets(cfg, target_config(cfg, target), 2)
+    assert [(s["num_moe_experts"], s["moe_ffn_hidden_size"],
+             s["moe_shared_expert_intermediate_size"]) for s in steps] == [(4, 24, 36),
+                                                                           (2, 16, 24)]
+    out = str(root / "iterative")
+    paths = iterative_prune(ckpt, target, out, 2,
+                            estimate=lambda path: random_scores(io.load_config(path), seed=9),
+                            first_scores=scores)
+    assert io.load_config(paths[0]).num_moe_experts == 4
+    pruned, pruned_cfg = io.load_checkpoint(out)
+    assert {k: getattr(pruned_cfg, k) for k in target} == target
+    _check_counts(pruned, pruned_cfg)
+
+
+def test_moe_scores_of_another_model_are_refused(sources):
+    root, ckpt, model, cfg, scores = sources()
+    other = random_scores(tiny_moe_config(num_moe_experts=8), seed=1)
+    with pytest.raises(UsageError, match=r"'expert' have shape \[4, 8\], not \[4, 6\]"):
+        prune_checkpoint(ckpt, dict(scores, expert=other["expert"]), {"num_moe_experts": 4},
+                         str(root / "never"))

@@ -258,11 +258,23 @@ def build_plan(scores: Dict, source: ModelConfig, target: ModelConfig,
 
 
 def _check_moe_scores(scores: Dict, source: ModelConfig, target: ModelConfig) -> None:
-    """Scores for every MoE field that shrinks must be present (older scores files lack them)."""
+    """Scores for every MoE field that shrinks must be present (older scores files lack them)
+    and shaped for this model."""
+    if not source.is_moe:
+        return
+    layers, experts = source.num_layers, source.num_moe_experts
+    shapes = {"expert": (layers, experts),
+              "expert_neuron": (layers, experts, source.moe_ffn_hidden_size),
+              "shared_neuron": (layers, source.moe_shared_expert_intermediate_size)}
     for key, score in MOE_SCORE_KEYS.items():
-        if source.is_moe and getattr(source, key) != getattr(target, key) and score not in scores:
+        if getattr(source, key) != getattr(target, key) and score not in scores:
             raise UsageError(f"scores lack {score!r}, needed to prune {key}; recompute them with "
                              "`minitron importance` on this mixture-of-experts checkpoint")
+        if (score in scores and None not in shapes[score]
+                and tuple(scores[score].shape) != shapes[score]):
+            raise UsageError(f"scores {score!r} have shape {list(scores[score].shape)}, not "
+                             f"{list(shapes[score])}: computed on a different model; recompute "
+                             "them on this checkpoint")
 
 
 def _keep(scores: Dict, key: str, index: Tuple[int, ...], keep: int, total: int) -> List[int]:
