@@ -418,3 +418,24 @@ def test_moe_scores_of_another_model_are_refused(sources):
     with pytest.raises(UsageError, match=r"'expert' have shape \[4, 8\], not \[4, 6\]"):
         prune_checkpoint(ckpt, dict(scores, expert=other["expert"]), {"num_moe_experts": 4},
                          str(root / "never"))
+
+
+def test_prune_command_takes_the_moe_keys(sources, capsys):
+    from megatron_minitron.cli import main
+
+    root, ckpt, model, cfg, scores = sources()
+    path, out = str(root / "scores.pt"), str(root / "cli")
+    torch.save(scores, path)
+    assert main(["prune", "--load", ckpt, "--scores", path, "--output", out, "--target",
+                 "num_moe_experts=4,moe_ffn_hidden_size=16,"
+                 "moe_shared_expert_intermediate_size=24"]) == 0
+    printed = capsys.readouterr().out
+    assert "experts=4 (top-2) expert_ffn=16 shared_ffn=24" in printed and "active" in printed
+    pruned_cfg = io.load_config(out)
+    assert (pruned_cfg.num_moe_experts, pruned_cfg.moe_ffn_hidden_size,
+            pruned_cfg.moe_shared_expert_intermediate_size) == (4, 16, 24)
+    assert main(["prune", "--load", ckpt, "--scores", path, "--output", str(root / "never"),
+                 "--target", "num_moe_experts=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "num_moe_experts=1 is fewer than moe_router_topk=2" in err
+    assert len(err.splitlines()) == 1 and not os.path.exists(str(root / "never"))
