@@ -27,6 +27,8 @@ VARIANTS = {
     "mixed": {},  # MoE, dense, MoE, MoE: stored one layer at a time
     "stacked": {"moe_layer_freq": 1},  # every layer MoE: stored stacked [L, E, ...]
     "pre_softmax": {"moe_router_pre_softmax": True, "moe_router_topk": 3},
+    "biases": {"add_bias_linear": True, "activation": "gelu", "moe_layer_freq": 2,
+               "moe_shared_expert_intermediate_size": None, "moe_shared_expert_gate": False},
 }
 
 
@@ -82,9 +84,10 @@ def _masked(model, cfg, plan):
                 fc2 = adapter.local_experts(layer)[expert].linear_fc2.weight
                 fc2[:, [n for n in range(cfg.moe_ffn_hidden_size)
                         if n not in keep.expert_neurons[position]]] = 0
-            fc2 = adapter.shared_expert(layer).linear_fc2.weight
-            fc2[:, [n for n in range(cfg.moe_shared_expert_intermediate_size)
-                    if n not in keep.shared_neurons]] = 0
+            if adapter.shared_expert(layer) is not None:
+                fc2 = adapter.shared_expert(layer).linear_fc2.weight
+                fc2[:, [n for n in range(cfg.moe_shared_expert_intermediate_size)
+                        if n not in keep.shared_neurons]] = 0
     try:
         yield
     finally:
@@ -119,8 +122,9 @@ def _check_counts(model, cfg):
                "num_query_groups": 2}),
     ("stacked", {"num_moe_experts": 2, "moe_ffn_hidden_size": 24}),
     ("pre_softmax", {"num_moe_experts": 4, "moe_shared_expert_intermediate_size": 32}),
+    ("biases", {"num_moe_experts": 3, "moe_ffn_hidden_size": 20, "ffn_hidden_size": 64}),
 ], ids=["experts", "expert_neurons", "shared_neurons", "dense_ffn", "all", "stacked",
-        "pre_softmax"])
+        "pre_softmax", "biases"])
 def test_pruned_moe_equals_masked_source(sources, variant, target):
     root, ckpt, model, cfg, scores = sources(variant)
     out = str(root / (variant + "_" + "_".join(f"{k}{v}" for k, v in target.items())))
@@ -144,6 +148,9 @@ def test_pruned_moe_equals_masked_source(sources, variant, target):
             source_router = adapter.moe_router(adapter.decoder_layers(model)[keep.source_layer])
             torch.testing.assert_close(adapter.moe_router(layer).weight,
                                        source_router.weight[experts], rtol=0, atol=0)
+            if cfg.add_bias_linear:
+                torch.testing.assert_close(adapter.moe_router(layer).bias,
+                                           source_router.bias[experts], rtol=0, atol=0)
 
 
 def test_experts_chosen_by_score(sources):
