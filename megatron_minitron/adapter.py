@@ -322,6 +322,37 @@ def mlp_fc2(layer) -> torch.nn.Module:
     return layer.mlp.linear_fc2
 
 
+EXPERTS_CHECKPOINT_PREFIX = "mlp.experts.experts."
+"""Layer-relative checkpoint name of the routed experts' tensors, stacked over the global
+expert index ([experts, ...]: ``mlp.experts.experts.linear_fc1.weight``), whatever the
+expert parallel size they were saved at."""
+_LOCAL_EXPERT_PREFIX = "mlp.experts.local_experts."
+
+
+def checkpoint_layers_stacked(cfg: ModelConfig) -> bool:
+    """Whether mcore saves ``cfg``'s layers stacked under ``decoder.layers.<name>`` ([L, ...])
+    rather than one key per layer (``decoder.layers.<i>.<name>``); mcore stores the layers of a
+    mixed dense/MoE pattern (``moe_layer_freq`` a list, or an int above 1) one by one."""
+    if not cfg.is_moe:
+        return True
+    return isinstance(cfg.moe_layer_freq, int) and cfg.moe_layer_freq == 1
+
+
+def local_expert_key(suffix: str):
+    """``(expert, rest)`` for a layer state-dict suffix of one routed expert
+    (``mlp.experts.local_experts.3.linear_fc1.weight`` → ``(3, "linear_fc1.weight")``), else
+    None."""
+    if not suffix.startswith(_LOCAL_EXPERT_PREFIX):
+        return None
+    index, _, rest = suffix[len(_LOCAL_EXPERT_PREFIX):].partition(".")
+    return int(index), rest
+
+
+def local_expert_suffix(expert: int, rest: str) -> str:
+    """The inverse of :func:`local_expert_key`."""
+    return f"{_LOCAL_EXPERT_PREFIX}{expert}.{rest}"
+
+
 # ---------------------------------------------------------------- norms, whichever spec
 
 NO_NORM = "no_norm"

@@ -1,9 +1,12 @@
 """Tensor-by-tensor access to our checkpoints without building (or holding) a model.
 
 mcore's ``torch_dist`` checkpoints store every parameter as one global tensor; layer parameters are
-stacked along a leading layer axis under ``decoder.layers.<name>`` ([L, ...]). The format is
-therefore independent of the TP/PP layout it was saved at, and a checkpoint written here loads at
-any layout.
+stacked along a leading layer axis under ``decoder.layers.<name>`` ([L, ...]), or, for a mixed
+dense/mixture-of-experts stack, stored one layer at a time under ``decoder.layers.<i>.<name>``
+(``adapter.checkpoint_layers_stacked``). Routed experts' tensors are stacked over the global
+expert index (``...mlp.experts.experts.linear_fc1.weight``: [E, ...] in a layer). The format is
+therefore independent of the TP/PP/EP layout it was saved at, and a checkpoint written here loads
+at any layout.
 
 * :class:`CheckpointReader` reads one layer's slice of a stacked tensor, or one global tensor, at a
   time (PyTorch Distributed Checkpoint with a planner that reads only that region).
@@ -71,6 +74,33 @@ class CheckpointReader:
 
     def global_keys(self) -> List[str]:
         return sorted(k for k in self.shapes if not k.startswith(LAYER_PREFIX))
+
+    def layer_tensors(self, layer: int) -> Dict[str, str]:
+        """Source ``layer``'s tensors: ``{suffix: key}`` (e.g. ``mlp.router.weight`` →
+        ``decoder.layers.2.mlp.router.weight``), from stacked and per-layer keys alike."""
+        out = {}
+        for key in self.layer_keys():
+            head, _, rest = key[len(LAYER_PREFIX):].partition(".")
+            if not head.isdigit():
+                out[key[len(LAYER_PREFIX):]] = key  # stacked: every layer has it
+            elif int(head) == layer:
+                out[rest] = key
+        return out
+
+    def is_stacked(self, key: str) -> bool:
+        """Whether layer key ``key`` holds every layer ([L, ...])."""
+        return not key[len(LAYER_PREFIX):].partition(".")[0].isdigit()
+
+    def layer_shape(self, key: str) -> Tuple[int, ...]:
+        """One layer's shape of layer key ``key`` (without the stacked layer axis)."""
+        shape = tuple(self.shapes[key])
+        return shape[1:] if self.is_stacked(key) else shape
+
+    def read_layer(self, key: str, layer: int,
+                   rows: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """Source ``layer``'s slice of layer key ``key`` (stacked or per-layer), its first
+        dimension narrowed to ``rows``."""
+        return self.read([key], layer=layer if self.is_stacked(key) else None, rows=rows)[key]
 
     def read(self, keys: Sequence[str], layer: Optional[int] = None,
              rows: Optional[Tuple[int, int]] = None) -> Dict[str, torch.Tensor]:

@@ -5,6 +5,9 @@
         --output PRUNED
     minitron prune --load CKPT --scores scores.pt --drop-layers 20,21,22,23 --output PRUNED
 
+    minitron prune --load MOE --scores scores.pt \
+        --target num_moe_experts=32,moe_ffn_hidden_size=512 --output PRUNED
+
 Any target key may be omitted (kept as is). The output is a normal checkpoint: it loads at any
 TP/PP (``--target-tp/--target-pp`` check that its shape divides the layout you will use) and
 exports to Hugging Face.
@@ -42,7 +45,10 @@ def add_arguments(parser, name):
                              "from-scratch baseline a pruned student is compared with")
     parser.add_argument("--target", default="",
                         help="KEY=VALUE,... of num_layers, hidden_size, ffn_hidden_size, "
-                             "num_attention_heads, num_query_groups")
+                             "num_attention_heads, num_query_groups and, for mixture-of-experts "
+                             "models, num_moe_experts, moe_ffn_hidden_size, "
+                             "moe_shared_expert_intermediate_size (ffn_hidden_size trims only "
+                             "their dense layers)")
     depth = parser.add_mutually_exclusive_group()
     depth.add_argument("--depth-metric", choices=("ppl", "bi", "block_bi"), default="ppl",
                        help="how layers are chosen when num_layers shrinks (default ppl)")

@@ -5,6 +5,10 @@
         --global-batch-size 16 --micro-batch-size 4 --lr 1e-4 --output runs/search
     torchrun --nproc-per-node 8 -m megatron_minitron search ... --tp 4       # every rank
 
+``--active-params 3B`` instead of ``--params`` budgets the parameters one token passes through
+(mixture-of-experts models; their space may list num_moe_experts, moe_ffn_hidden_size and
+moe_shared_expert_intermediate_size).
+
 Every candidate is pruned from the cached scores, retrained briefly by distillation from
 ``--teacher`` (default ``--load``) and ranked by validation LM loss; ``--no-retrain`` ranks by
 the zero-shot loss. ``OUTPUT/best`` is the selected checkpoint; ``search.csv``, ``search.md``
@@ -23,14 +27,21 @@ def add_arguments(parser, name):
     group = parser.add_argument_group("search")
     group.add_argument("--load", required=True, help="source checkpoint (the unpruned model)")
     group.add_argument("--scores", required=True, help="SCORES file from `minitron importance`")
-    group.add_argument("--params", required=True,
-                       help="parameter budget, e.g. 70M or 4.5B (exact counts, embeddings "
-                            "included)")
+    budget = group.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--params",
+                        help="parameter budget, e.g. 70M or 4.5B (exact counts, embeddings "
+                             "included)")
+    budget.add_argument("--active-params",
+                        help="budget of active parameters instead: those one token passes "
+                             "through (a mixture-of-experts model's routed experts counted "
+                             "moe_router_topk times per layer), e.g. 3B")
     group.add_argument("--tolerance", type=float, default=0.05,
                        help="relative budget tolerance (default 0.05: ±5%%)")
     group.add_argument("--space", required=True,
                        help="search space YAML: one list per field (num_layers, hidden_size, "
-                            "ffn_hidden_size, num_attention_heads, num_query_groups)")
+                            "ffn_hidden_size, num_attention_heads, num_query_groups and, for "
+                            "mixture-of-experts models, num_moe_experts, moe_ffn_hidden_size, "
+                            "moe_shared_expert_intermediate_size)")
     group.add_argument("--retrain-tokens", type=int,
                        help="distillation tokens per candidate before ranking")
     group.add_argument("--no-retrain", dest="retrain", action="store_false",
@@ -51,8 +62,12 @@ def add_arguments(parser, name):
 def _settings(args):
     from megatron_minitron.search import SearchSettings, parse_params
 
+    active = getattr(args, "active_params", None) is not None
+    params = (parse_params(args.active_params, "--active-params") if active
+              else parse_params(args.params))
     return SearchSettings(
-        load=args.load, scores=args.scores, params=parse_params(args.params), space=args.space,
+        load=args.load, scores=args.scores, params=params, space=args.space,
+        budget="active" if active else "total",
         output=args.output, tolerance=args.tolerance, retrain_tokens=args.retrain_tokens,
         retrain=args.retrain, teacher=args.teacher, depth_metric=args.depth_metric,
         head_add_back=args.head_add_back, max_candidates=args.max_candidates)

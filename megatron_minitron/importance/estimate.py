@@ -152,11 +152,16 @@ def load_scores(path: str, cfg: Optional[ModelConfig] = None) -> Dict[str, Any]:
 
 
 def random_scores(cfg: ModelConfig, seed: int = 0) -> Dict[str, Any]:
-    """Scores drawn at random (a baseline: pruning by them picks random components)."""
+    """Scores drawn at random (a baseline: pruning by them picks random components).
+
+    A mixture-of-experts model also gets ``expert`` [L, E], ``expert_tokens`` [L, E],
+    ``expert_neuron`` [L, E, moe_ffn_hidden_size] and, with a shared expert, ``shared_neuron``
+    [L, shared]; dense layers hold zeros in those, MoE layers zeros in ``neuron``.
+    """
     generator = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
     layers = cfg.num_layers
-    return {
+    scores = {
         "head": rand(layers, cfg.num_attention_heads),
         "query_group": rand(layers, cfg.num_query_groups),
         "neuron": rand(layers, cfg.ffn_hidden_size),
@@ -166,3 +171,14 @@ def random_scores(cfg: ModelConfig, seed: int = 0) -> Dict[str, Any]:
         "block_bi": {n: rand(layers - n + 1) for n in range(1, layers + 1)},
         "meta": {"model": cfg.to_dict(), "aggregation": "random", "seed": seed},
     }
+    if cfg.is_moe:  # drawn after the dense scores, which stay those of the same seed
+        moe = torch.tensor(cfg.moe_layers(), dtype=torch.float64).view(-1, 1)
+        experts = cfg.num_moe_experts
+        scores["neuron"] *= 1 - moe
+        scores["expert"] = rand(layers, experts) * moe
+        scores["expert_tokens"] = torch.floor(rand(layers, experts) * 1000) * moe
+        scores["expert_neuron"] = (rand(layers, experts, cfg.moe_ffn_hidden_size)
+                                   * moe.view(-1, 1, 1))
+        if cfg.moe_shared_expert_intermediate_size is not None:
+            scores["shared_neuron"] = rand(layers, cfg.moe_shared_expert_intermediate_size) * moe
+    return scores

@@ -22,7 +22,11 @@ from megatron_minitron.checkpoint.stream import (
 )
 from megatron_minitron.config import ModelConfig, count_parameters
 from megatron_minitron.errors import UsageError
-from megatron_minitron.prune.apply import prune_global_tensor, prune_layer_tensor
+from megatron_minitron.prune.apply import (
+    prune_expert_tensor,
+    prune_global_tensor,
+    prune_layer_tensor,
+)
 from megatron_minitron.prune.plan import (
     DEFAULT_HEAD_ADD_BACK,
     PrunePlan,
@@ -36,10 +40,16 @@ logger = logging.getLogger("megatron_minitron")
 
 def describe_counts(cfg: ModelConfig) -> str:
     counts = count_parameters(cfg)
-    return (f"{counts['total'] / 1e6:.3f}M parameters ({counts['non_embedding'] / 1e6:.3f}M "
+    text = (f"{counts['total'] / 1e6:.3f}M parameters ({counts['non_embedding'] / 1e6:.3f}M "
             f"non-embedding): layers={cfg.num_layers} hidden={cfg.hidden_size} "
             f"ffn={cfg.ffn_hidden_size} heads={cfg.num_attention_heads} "
             f"groups={cfg.num_query_groups} head_dim={cfg.kv_channels}")
+    if cfg.is_moe:
+        text += (f" experts={cfg.num_moe_experts} (top-{cfg.moe_router_topk}) "
+                 f"expert_ffn={cfg.moe_ffn_hidden_size}"
+                 f" shared_ffn={cfg.moe_shared_expert_intermediate_size}"
+                 f"; {counts['active'] / 1e6:.3f}M active")
+    return text
 
 
 def plan_pruning(source: ModelConfig, scores: Dict[str, Any], target: Dict[str, int],
@@ -59,25 +69,57 @@ def plan_pruning(source: ModelConfig, scores: Dict[str, Any], target: Dict[str, 
 
 
 def _layer_specs(reader: CheckpointReader, plan: PrunePlan):
-    """One TensorSpec per stacked key; each chunk is one kept layer, read and pruned on demand."""
-    specs = []
-    for key in reader.layer_keys():
-        suffix = key[len(LAYER_PREFIX):]
-        shape = _pruned_shape(reader, key, suffix, plan)
-        chunks = []
-        for new_index, layer in enumerate(plan.layers):
-            def produce(layer=layer, key=key, suffix=suffix):
-                tensor = reader.read([key], layer=layer.source_layer)[key]
-                return prune_layer_tensor(suffix, tensor, plan, layer).unsqueeze(0)
+    """One TensorSpec per output layer key (stacked over the kept layers, or one per layer for
+    a mixed dense/MoE stack, as mcore saves the target); each chunk is one kept layer, or one
+    kept routed expert of it, read and pruned on demand."""
+    from megatron_minitron import adapter
 
-            chunks.append(((new_index,) + (0,) * len(shape), (1,) + shape, produce))
-        specs.append(TensorSpec(key, (len(plan.layers),) + shape, reader.dtypes[key], chunks))
-    return specs
+    stacked = adapter.checkpoint_layers_stacked(plan.target)
+    specs: Dict[str, TensorSpec] = {}
+    for new_index, layer in enumerate(plan.layers):
+        for suffix, key in sorted(reader.layer_tensors(layer.source_layer).items()):
+            shape = _pruned_shape(reader, key, suffix, plan, layer)
+            if stacked:
+                out_key, lead = LAYER_PREFIX + suffix, (new_index,)
+                if out_key not in specs:
+                    specs[out_key] = TensorSpec(out_key, (len(plan.layers),) + shape,
+                                                reader.dtypes[key], [])
+            else:
+                out_key, lead = f"{LAYER_PREFIX}{new_index}.{suffix}", ()
+                specs[out_key] = TensorSpec(out_key, shape, reader.dtypes[key], [])
+            specs[out_key].chunks.extend(_layer_chunks(reader, key, suffix, plan, layer, lead,
+                                                       shape))
+    return list(specs.values())
 
 
-def _pruned_shape(reader, key, suffix, plan):
-    probe = torch.empty(tuple(reader.shapes[key][1:]), device="meta")
-    return tuple(prune_layer_tensor(suffix, probe, plan, plan.layers[0]).shape)
+def _layer_chunks(reader, key, suffix, plan, layer, lead, shape):
+    """(offsets, sizes, producer) of one kept layer's tensor; ``lead``: its index on the
+    stacked layer axis (empty when stored per layer)."""
+    from megatron_minitron import adapter
+
+    ones = (1,) * len(lead)
+    if not suffix.startswith(adapter.EXPERTS_CHECKPOINT_PREFIX):
+        def produce():
+            tensor = reader.read_layer(key, layer.source_layer)
+            return prune_layer_tensor(suffix, tensor, plan, layer).reshape(ones + shape)
+
+        return [(lead + (0,) * len(shape), ones + shape, produce)]
+    name = suffix[len(adapter.EXPERTS_CHECKPOINT_PREFIX):]
+    chunks = []
+    for position, expert in enumerate(layer.experts):  # one expert in memory at a time
+        def produce(position=position, expert=expert):
+            tensor = reader.read_layer(key, layer.source_layer, rows=(expert, expert + 1))[0]
+            pruned = prune_expert_tensor(name, tensor, plan, layer, position)
+            return pruned.reshape(ones + (1,) + shape[1:])
+
+        chunks.append((lead + (position,) + (0,) * (len(shape) - 1),
+                       ones + (1,) + shape[1:], produce))
+    return chunks
+
+
+def _pruned_shape(reader, key, suffix, plan, layer):
+    probe = torch.empty(reader.layer_shape(key), device="meta")
+    return tuple(prune_layer_tensor(suffix, probe, plan, layer).shape)
 
 
 def _global_specs(reader: CheckpointReader, plan: PrunePlan, chunk_bytes: int = 8 << 20):
@@ -114,7 +156,8 @@ def prune_checkpoint(load: str, scores: Union[str, Dict[str, Any]], target: Dict
         load: source checkpoint (any layout it was saved at).
         scores: SCORES path or dict from ``minitron importance`` on this checkpoint.
         target: subset of num_layers, hidden_size, ffn_hidden_size, num_attention_heads,
-            num_query_groups; omitted keys are kept.
+            num_query_groups and, for a mixture-of-experts model, num_moe_experts,
+            moe_ffn_hidden_size, moe_shared_expert_intermediate_size; omitted keys are kept.
         output: new checkpoint directory (must be new, empty or ours).
         depth_metric: ppl, bi or block_bi — how layers are chosen when num_layers shrinks.
         drop_layers: explicit source layers to drop instead of a metric.
@@ -135,6 +178,9 @@ def prune_checkpoint(load: str, scores: Union[str, Dict[str, Any]], target: Dict
 
         scores = load_scores(scores, source)
     io.check_output_path(output)
+    if output_format == "megatron" and source.is_moe:
+        raise UsageError("--output-format megatron does not write mixture-of-experts models "
+                         "yet; use --output-format minitron")
     plan = plan_pruning(source, scores, target, depth_metric, drop_layers, head_add_back,
                         target_tp, target_pp)
     reader = CheckpointReader(load)

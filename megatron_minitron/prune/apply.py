@@ -17,6 +17,13 @@ column is dropped,
   stream.
 
 Heads of whole pruned query groups are not added back (their K/V leave with them).
+
+Mixture-of-experts layers: the router keeps the kept experts' rows (and bias entries); every
+kept routed expert and the shared expert is an MLP trimmed like the dense one, to its own kept
+neurons; hidden size also trims the router's and the shared expert gate's columns. In a
+checkpoint the routed experts' tensors are stacked over the global expert index
+(``mlp.experts.experts.linear_fc1.weight``: [experts, ...]); they can be pruned one expert at a
+time (:func:`prune_expert_tensor`).
 """
 
 from __future__ import annotations
@@ -110,18 +117,53 @@ def prune_layer_tensor(suffix: str, tensor: torch.Tensor, plan: PrunePlan,
         weight = _add_back_output(tensor, plan, layer)
         return weight.index_select(0, channels).index_select(
             1, _index(head_columns(plan, layer.heads)))
-    if suffix in ("self_attention.linear_proj.bias", "mlp.linear_fc2.bias"):
+    if suffix == "self_attention.linear_proj.bias":
         return tensor.index_select(0, channels)
-    if suffix in ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias"):
-        rows = list(layer.neurons)
-        if plan.source.gated:  # global layout [gate; up]
-            rows += [plan.source.ffn_hidden_size + n for n in layer.neurons]
-        out = tensor.index_select(0, _index(rows))
-        return out.index_select(1, channels) if out.dim() == 2 else out
-    if suffix == "mlp.linear_fc2.weight":
-        return tensor.index_select(0, channels).index_select(1, _index(layer.neurons))
+    if suffix.startswith("mlp.linear_fc"):
+        return _prune_mlp(suffix[len("mlp."):], tensor, plan, plan.source.ffn_hidden_size,
+                          layer.neurons)
+    if suffix.startswith("mlp.shared_experts.linear_fc"):
+        return _prune_mlp(suffix[len("mlp.shared_experts."):], tensor, plan,
+                          plan.source.moe_shared_expert_intermediate_size, layer.shared_neurons)
+    if suffix == "mlp.shared_experts.gate_weight":  # [1, h]
+        return tensor.index_select(1, channels)
+    if suffix == "mlp.router.weight":  # [experts, h]
+        return tensor.index_select(0, _index(layer.experts)).index_select(1, channels)
+    if suffix in ("mlp.router.bias", "mlp.router.expert_bias"):  # [experts]
+        return tensor.index_select(0, _index(layer.experts))
+    if suffix.startswith(adapter.EXPERTS_CHECKPOINT_PREFIX):  # [experts, ...]
+        name = suffix[len(adapter.EXPERTS_CHECKPOINT_PREFIX):]
+        return torch.stack([prune_expert_tensor(name, tensor[expert], plan, layer, position)
+                            for position, expert in enumerate(layer.experts)])
     raise UsageError(f"cannot prune layer parameter {suffix!r}: the architecture has a part "
                      "this pruner does not know")
+
+
+def _prune_mlp(name: str, tensor: torch.Tensor, plan: PrunePlan, width: int,
+               neurons: List[int]) -> torch.Tensor:
+    """One MLP's ``name`` (``linear_fc1.weight``/``.bias``, ``linear_fc2.weight``/``.bias``)
+    trimmed to ``neurons`` of its ``width`` and to the kept channels."""
+    channels = _index(plan.channels)
+    if name in ("linear_fc1.weight", "linear_fc1.bias"):
+        rows = list(neurons)
+        if plan.source.gated:  # global layout [gate; up]
+            rows += [width + n for n in neurons]
+        out = tensor.index_select(0, _index(rows))
+        return out.index_select(1, channels) if out.dim() == 2 else out
+    if name == "linear_fc2.weight":
+        return tensor.index_select(0, channels).index_select(1, _index(neurons))
+    if name == "linear_fc2.bias":
+        return tensor.index_select(0, channels)
+    raise UsageError(f"cannot prune MLP parameter {name!r}: the architecture has a part this "
+                     "pruner does not know")
+
+
+def prune_expert_tensor(name: str, tensor: torch.Tensor, plan: PrunePlan, layer: LayerPlan,
+                        position: int) -> torch.Tensor:
+    """One kept routed expert's tensor ``name`` (e.g. ``linear_fc1.weight``, without the expert
+    axis), trimmed to the neurons kept for it; ``position``: its index in ``layer.experts``."""
+    return _prune_mlp(name, tensor, plan, plan.source.moe_ffn_hidden_size,
+                      layer.expert_neurons[position])
 
 
 def prune_global_tensor(key: str, tensor: torch.Tensor, plan: PrunePlan) -> torch.Tensor:
@@ -136,15 +178,27 @@ def prune_global_tensor(key: str, tensor: torch.Tensor, plan: PrunePlan) -> torc
 
 
 def prune_state_dict(state: Dict[str, torch.Tensor], plan: PrunePlan) -> Dict[str, torch.Tensor]:
-    """Prunes an in-memory TP=1 state dict (``decoder.layers.{i}.<suffix>`` naming)."""
+    """Prunes an in-memory TP=1 (EP=1) state dict (``decoder.layers.{i}.<suffix>`` naming;
+    routed experts under ``mlp.experts.local_experts.{e}.``, renumbered as they are kept)."""
+    from megatron_minitron import adapter
+
     out = {}
     prefix = "decoder.layers."
     for new_index, layer in enumerate(plan.layers):
         marker = f"{prefix}{layer.source_layer}."
         for key, tensor in state.items():
-            if key.startswith(marker):
-                suffix = key[len(marker):]
-                out[f"{prefix}{new_index}.{suffix}"] = prune_layer_tensor(suffix, tensor, plan, layer)
+            if not key.startswith(marker):
+                continue
+            suffix = key[len(marker):]
+            expert = adapter.local_expert_key(suffix)
+            if expert is None:
+                out[f"{prefix}{new_index}.{suffix}"] = prune_layer_tensor(suffix, tensor, plan,
+                                                                          layer)
+            elif expert[0] in layer.experts:
+                position = layer.experts.index(expert[0])
+                name = adapter.local_expert_suffix(position, expert[1])
+                out[f"{prefix}{new_index}.{name}"] = prune_expert_tensor(expert[1], tensor, plan,
+                                                                         layer, position)
     for key, tensor in state.items():
         if not key.startswith(prefix):
             out[key] = prune_global_tensor(key, tensor, plan)

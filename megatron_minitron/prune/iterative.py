@@ -47,6 +47,15 @@ def round_targets(source: ModelConfig, final: ModelConfig, rounds: int, tp: int 
             "num_query_groups": groups,
             "num_attention_heads": groups * per_group,
         })
+        if source.is_moe:  # every round keeps at least the final (>= top-k) experts
+            targets[-1]["num_moe_experts"] = _step(source.num_moe_experts,
+                                                   final.num_moe_experts, fraction, 1)
+            targets[-1]["moe_ffn_hidden_size"] = _step(
+                source.moe_ffn_hidden_size, final.moe_ffn_hidden_size, fraction, tp)
+            if source.moe_shared_expert_intermediate_size is not None:
+                targets[-1]["moe_shared_expert_intermediate_size"] = _step(
+                    source.moe_shared_expert_intermediate_size,
+                    final.moe_shared_expert_intermediate_size, fraction, tp)
     return targets
 
 

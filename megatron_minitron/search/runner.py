@@ -35,11 +35,13 @@ from typing import Any, Dict, List, Optional, Union
 
 from megatron_minitron import parallel
 from megatron_minitron.checkpoint.io import is_checkpoint
+from megatron_minitron.config import count_parameters
 from megatron_minitron.distill.config import TrainConfig
 from megatron_minitron.errors import UsageError
 from megatron_minitron.files import read_json, write_json_atomic
 from megatron_minitron.prune.plan import DEFAULT_HEAD_ADD_BACK, head_add_back_mode
 from megatron_minitron.search.space import (
+    BUDGETS,
     Candidate,
     enumerate_candidates,
     format_params,
@@ -59,6 +61,7 @@ class SearchSettings:
     load: str
     scores: str
     params: int
+    """The parameter budget (what it counts: ``budget``)."""
     space: str
     output: str
     tolerance: float = 0.05
@@ -70,9 +73,15 @@ class SearchSettings:
     head_add_back: Union[bool, str] = DEFAULT_HEAD_ADD_BACK
     """none, query or output (``True``/``False``: output/none); a mode string after init."""
     max_candidates: int = 16
+    budget: str = "total"
+    """``total``: ``params`` counts every parameter; ``active``: those one token passes through
+    (``--active-params``; a mixture-of-experts model's routed experts ``moe_router_topk``
+    times per layer)."""
 
     def __post_init__(self):
         self.head_add_back = head_add_back_mode(self.head_add_back)
+        if self.budget not in BUDGETS:
+            raise UsageError(f"budget {self.budget!r} is unknown; use {', '.join(BUDGETS)}")
 
     def teacher_path(self) -> str:
         return self.teacher or self.load
@@ -126,15 +135,18 @@ class Search:
         self.scores = load_scores(settings.scores, self.source)
         space = load_space(settings.space, self.source)
         self.space = space
-        self.candidates, stats = enumerate_candidates(self.source, space, settings.params,
-                                                      settings.tolerance, train.tp, train.pp)
-        budget = (f"{format_params(settings.params)} ±{settings.tolerance:.0%} "
+        self.candidates, stats = enumerate_candidates(
+            self.source, space, settings.params, settings.tolerance, train.tp, train.pp,
+            budget=settings.budget, kept_layers=self._kept_layers)
+        active = " active" if settings.budget == "active" else ""
+        budget = (f"{format_params(settings.params)}{active} ±{settings.tolerance:.0%} "
                   f"({stats['combinations']} combinations, {stats['unbuildable']} not buildable)")
         if not self.candidates:
             closest = stats["closest"]
             hint = f"; the closest count is {format_params(closest)}" if closest else ""
+            flag = "--active-params" if active else "--params"
             raise UsageError(f"no architecture of --space {settings.space} lies within {budget}"
-                             f"{hint}; widen the space, the --tolerance or change --params")
+                             f"{hint}; widen the space, the --tolerance or change {flag}")
         if len(self.candidates) > settings.max_candidates:
             raise UsageError(f"--space {settings.space} gives {len(self.candidates)} candidates "
                              f"within {budget}, more than --max-candidates "
@@ -155,6 +167,17 @@ class Search:
         Trainer(self.train, mode=self._mode())  # the same checks a candidate's run makes
         self._check_output()
 
+    def _kept_layers(self, num_layers: int) -> List[int]:
+        """The source layers the pruner will keep at ``num_layers`` (the MoE pattern a
+        candidate's count depends on)."""
+        from megatron_minitron.prune.plan import choose_layers
+
+        try:
+            return choose_layers(self.scores, self.source, num_layers,
+                                 self.settings.depth_metric, None)
+        except (KeyError, UsageError):  # scores without depth metrics: pruning will say so
+            return list(range(num_layers))
+
     # ------------------------------------------------------------------ paths and identity
 
     def _mode(self) -> str:
@@ -167,12 +190,16 @@ class Search:
         s = self.settings
         train = {k: v for k, v in self.train.run_identity().items()
                  if k not in ("student", "teacher", "train_tokens")}
-        return {"load": os.path.abspath(s.load), "scores": os.path.abspath(s.scores),
-                "params": s.params, "tolerance": s.tolerance, "space": self.space,
-                "retrain": s.retrain, "retrain_tokens": s.retrain_tokens if s.retrain else None,
-                "teacher": os.path.abspath(s.teacher_path()) if s.retrain else None,
-                "depth_metric": s.depth_metric, "head_add_back": s.head_add_back,
-                "eval_samples": self.train.eval_samples, "train": train}
+        identity = {"load": os.path.abspath(s.load), "scores": os.path.abspath(s.scores),
+                    "params": s.params, "tolerance": s.tolerance, "space": self.space,
+                    "retrain": s.retrain,
+                    "retrain_tokens": s.retrain_tokens if s.retrain else None,
+                    "teacher": os.path.abspath(s.teacher_path()) if s.retrain else None,
+                    "depth_metric": s.depth_metric, "head_add_back": s.head_add_back,
+                    "eval_samples": self.train.eval_samples, "train": train}
+        if s.budget != "total":  # searches by total count keep their saved identity
+            identity["budget"] = s.budget
+        return identity
 
     def _check_output(self) -> None:
         path = os.path.join(self.settings.output, CONFIG_FILE)
@@ -251,9 +278,12 @@ class Search:
             del trainer
             parallel.teardown()  # inside held_process_group: mcore's groups only
             gc.collect()
-        result = {"name": candidate.name, "params": candidate.params,
+        counts = count_parameters(candidate.config)
+        result = {"name": candidate.name, "params": counts["total"],
                   "architecture": candidate.architecture(), "zero_shot": zero,
                   "checkpoint": pruned}
+        if candidate.config.is_moe:
+            result["active_params"] = counts["active"]
         if self.settings.retrain:
             train_curve, valid = read_log(run_dir)
             result.update(retrained=valid[-1] if valid else None, train_curve=train_curve,
@@ -302,6 +332,16 @@ def rank_results(results: List[Dict[str, Any]], retrain: bool) -> List[Dict[str,
 COLUMNS = ("rank", "name", "params", "num_layers", "hidden_size", "ffn_hidden_size",
            "num_attention_heads", "num_query_groups", "zero_shot_loss", "zero_shot_rank",
            "retrained_loss", "retrain_tokens")
+MOE_COLUMNS = ("active_params", "num_moe_experts", "moe_ffn_hidden_size",
+               "moe_shared_expert_intermediate_size")
+"""Columns of a mixture-of-experts search, after ``num_query_groups`` where it has them."""
+
+
+def table_columns(table: List[Dict[str, Any]]) -> List[str]:
+    columns = list(COLUMNS)
+    extra = [c for c in MOE_COLUMNS if any(c in entry for entry in table)]
+    at = columns.index("num_query_groups") + 1
+    return columns[:at] + extra + columns[at:]
 
 
 def table_rows(rows: List[Dict[str, Any]], retrain: bool) -> List[Dict[str, Any]]:
@@ -309,6 +349,7 @@ def table_rows(rows: List[Dict[str, Any]], retrain: bool) -> List[Dict[str, Any]
     for row in rows:
         entry = {"rank": row["rank_retrained" if retrain else "rank_zero_shot"],
                  "name": row["name"], "params": row["params"], **row["architecture"],
+                 **({"active_params": row["active_params"]} if "active_params" in row else {}),
                  "zero_shot_loss": _metric(row, "zero_shot"),
                  "zero_shot_rank": row["rank_zero_shot"],
                  "retrained_loss": _metric(row, "retrained") if retrain else None,
@@ -328,9 +369,11 @@ def write_summary(settings: SearchSettings, budget: str,
     """Rank 0: search.json/.csv/.md, search.png and the ``best`` link; returns the summary."""
     rows = rank_results(results, settings.retrain)
     table = table_rows(rows, settings.retrain)
+    columns = table_columns(table)
     out = settings.output
     best = rows[0]
-    summary = {"budget": budget, "params": settings.params, "tolerance": settings.tolerance,
+    summary = {"budget": budget, "params": settings.params, "budget_counts": settings.budget,
+               "tolerance": settings.tolerance,
                "retrain": settings.retrain, "retrain_tokens": settings.retrain_tokens,
                "ranked_by": "validation LM loss after retraining" if settings.retrain
                else "zero-shot validation LM loss", "best": best["name"],
@@ -338,7 +381,7 @@ def write_summary(settings: SearchSettings, budget: str,
     write_json_atomic(os.path.join(out, "search.json"), summary)
     tmp = os.path.join(out, "search.csv.tmp")
     with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(table)
     os.replace(tmp, os.path.join(out, "search.csv"))
@@ -346,8 +389,8 @@ def write_summary(settings: SearchSettings, budget: str,
              f"Ranked by {summary['ranked_by']}"
              + (f" ({settings.retrain_tokens:,} retraining tokens per candidate)."
                 if settings.retrain else "."), "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(entry[c]) for c in COLUMNS) + " |" for entry in table]
+             "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(entry.get(c)) for c in columns) + " |" for entry in table]
     lines += ["", f"Selected: **{best['name']}** → `{summary['best_checkpoint']}`", ""]
     tmp = os.path.join(out, "search.md.tmp")
     with open(tmp, "w") as handle:

@@ -4,9 +4,13 @@
     candidates, stats = enumerate_candidates(source, space, parse_params("70M"), 0.05)
 
 A space file holds one list per architecture field the pruner shrinks (``num_layers``,
-``hidden_size``, ``ffn_hidden_size``, ``num_attention_heads``, ``num_query_groups``); a field
-left out keeps the source's value (``num_query_groups`` then follows the pruner's default,
-``min(source groups, heads)``). Parameter counts are exact (:func:`count_parameters`).
+``hidden_size``, ``ffn_hidden_size``, ``num_attention_heads``, ``num_query_groups`` and, for a
+mixture-of-experts source, ``num_moe_experts``, ``moe_ffn_hidden_size``,
+``moe_shared_expert_intermediate_size``); a field left out keeps the source's value
+(``num_query_groups`` then follows the pruner's default, ``min(source groups, heads)``).
+Parameter counts are exact (:func:`count_parameters`); the budget is the total count, or with
+``budget="active"`` the parameters one token passes through (a mixture-of-experts model's
+routed experts counted ``moe_router_topk`` times per layer).
 """
 
 from __future__ import annotations
@@ -15,26 +19,29 @@ import itertools
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from megatron_minitron.config import ModelConfig, count_parameters
 from megatron_minitron.errors import UsageError
-from megatron_minitron.prune.plan import TARGET_KEYS, target_config
+from megatron_minitron.prune.plan import ALL_TARGET_KEYS, target_config, target_keys
 
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
 _SHORT = {"num_layers": "L", "hidden_size": "H", "ffn_hidden_size": "F",
-          "num_attention_heads": "A", "num_query_groups": "G"}
+          "num_attention_heads": "A", "num_query_groups": "G", "num_moe_experts": "E",
+          "moe_ffn_hidden_size": "X", "moe_shared_expert_intermediate_size": "S"}
+BUDGETS = ("total", "active")
+"""What a parameter budget counts (keys of :func:`count_parameters`)."""
 
 
-def parse_params(text: str) -> int:
+def parse_params(text: str, flag: str = "--params") -> int:
     """``"70M"`` → 70_000_000; also K, B (or G), T suffixes and plain integers."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMbBgGtT]?)\s*", str(text))
     if not match:
-        raise UsageError(f"--params {text!r} is not a parameter count; write e.g. 70M, 4.5B or "
+        raise UsageError(f"{flag} {text!r} is not a parameter count; write e.g. 70M, 4.5B or "
                          "135000000")
     value = int(round(float(match.group(1)) * _SUFFIX[match.group(2).upper()]))
     if value < 1:
-        raise UsageError(f"--params {text!r} must be positive")
+        raise UsageError(f"{flag} {text!r} must be positive")
     return value
 
 
@@ -51,7 +58,7 @@ def load_space(path: str, source: ModelConfig) -> Dict[str, List[int]]:
 
     if not os.path.isfile(path):
         raise UsageError(f"--space {path} does not exist; write a YAML file with one list per "
-                         f"field ({', '.join(TARGET_KEYS)})")
+                         f"field ({', '.join(target_keys(source))})")
     try:
         with open(path) as handle:
             data = yaml.safe_load(handle) or {}
@@ -65,9 +72,14 @@ def check_space(data, source: ModelConfig, where: str = "search space") -> Dict[
         raise UsageError(f"{where} must be a mapping of field: [values], e.g. "
                          "hidden_size: [384, 448]")
     space: Dict[str, List[int]] = {}
+    known = target_keys(source)
     for key, values in data.items():
-        if key not in TARGET_KEYS:
-            raise UsageError(f"{where}: unknown field {key!r}; use {', '.join(TARGET_KEYS)}")
+        if key in ALL_TARGET_KEYS and key not in known:
+            raise UsageError(f"{where}: field {key!r} needs a mixture-of-experts source "
+                             f"{'with a shared expert ' if source.is_moe else ''}(this one "
+                             f"has none); use {', '.join(known)}")
+        if key not in known:
+            raise UsageError(f"{where}: unknown field {key!r}; use {', '.join(known)}")
         values = values if isinstance(values, list) else [values]
         if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise UsageError(f"{where}: {key} must be a list of integers, got {values!r}")
@@ -86,33 +98,41 @@ class Candidate:
     target: Tuple[Tuple[str, int], ...]
     """(field, value) pairs handed to the pruner."""
     params: int
-    """Exact parameter count."""
+    """Exact parameter count the budget counts (total, or active)."""
     config: ModelConfig
 
     @property
     def name(self) -> str:
         cfg = self.config
-        return "-".join(f"{_SHORT[key]}{getattr(cfg, key)}" for key in TARGET_KEYS)
+        return "-".join(f"{_SHORT[key]}{getattr(cfg, key)}" for key in target_keys(cfg))
 
     @property
     def target_dict(self) -> Dict[str, int]:
         return dict(self.target)
 
     def architecture(self) -> Dict[str, int]:
-        return {key: getattr(self.config, key) for key in TARGET_KEYS}
+        return {key: getattr(self.config, key) for key in target_keys(self.config)}
 
 
 def enumerate_candidates(source: ModelConfig, space: Dict[str, List[int]], params: int,
-                         tolerance: float, tp: int = 1,
-                         pp: int = 1) -> Tuple[List[Candidate], Dict[str, int]]:
+                         tolerance: float, tp: int = 1, pp: int = 1, budget: str = "total",
+                         kept_layers: Optional[Callable[[int], Sequence[int]]] = None
+                         ) -> Tuple[List[Candidate], Dict[str, int]]:
     """Every combination of ``space`` that the pruner can build (and that divides into the
     TP×PP layout) whose exact count is within ``params·(1 ± tolerance)``, sorted by count.
+
+    ``budget``: ``total`` or ``active`` parameters (:data:`BUDGETS`). ``kept_layers(n)``: the
+    source layers the pruner keeps at depth ``n`` (from the scores), so that a mixed dense/MoE
+    stack is counted with the pattern of the layers it will really keep (default: its first
+    ``n`` layers).
 
     Returns the candidates and counts of what was dropped (``combinations``, ``unbuildable``,
     ``outside_budget``) plus ``closest`` (the nearest count, for error messages).
     """
     if not 0 <= tolerance < 1:
         raise UsageError(f"--tolerance {tolerance} must be in [0, 1), e.g. 0.05 for ±5%")
+    if budget not in BUDGETS:
+        raise ValueError(f"budget={budget!r}; use one of {BUDGETS}")
     keys = list(space)
     low, high = params * (1 - tolerance), params * (1 + tolerance)
     stats = {"combinations": 0, "unbuildable": 0, "outside_budget": 0, "closest": None}
@@ -120,12 +140,15 @@ def enumerate_candidates(source: ModelConfig, space: Dict[str, List[int]], param
     for values in itertools.product(*(space[key] for key in keys)):
         stats["combinations"] += 1
         target = dict(zip(keys, values))
+        layers = None
+        if kept_layers is not None and source.is_moe:
+            layers = kept_layers(target.get("num_layers", source.num_layers))
         try:
-            cfg = target_config(source, target, tp, pp)
+            cfg = target_config(source, target, tp, pp, kept_layers=layers)
         except UsageError:
             stats["unbuildable"] += 1
             continue
-        count = count_parameters(cfg)["total"]
+        count = count_parameters(cfg)[budget]
         if stats["closest"] is None or abs(count - params) < abs(stats["closest"] - params):
             stats["closest"] = count
         if not low <= count <= high:
