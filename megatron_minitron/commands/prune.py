@@ -181,7 +181,7 @@ def _iterative(args, source, target):
     first = load_scores(args.scores, source)
     icfg = ImportanceConfig(aggregation=args.aggregation)
     try:
-        layout = parallel.initialize(args.tp, args.pp, args.seed)
+        layout = parallel.initialize(args.tp, args.pp, args.seed, ep=args.ep)
         samples = load_samples(args, args.load, source)
         iterative_prune(args.load, target, args.output, args.iterations,
                         estimate=lambda ckpt: compute_scores(ckpt, samples, args, icfg, layout),
