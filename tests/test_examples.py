@@ -102,6 +102,13 @@ def test_recipes_reach_the_papers_architectures():
         argv = steps[name]
         assert argv[argv.index("--teacher") + 1].endswith("teacher_correction/final")
         assert argv[argv.index("--train-tokens") + 1] == "94000000000"
+    _, qwen = recipe_argvs(EXAMPLES / "qwen3_30b_a3b" / "recipe.yaml")
+    steps = {name: argv for _, name, argv in qwen}
+    assert _apply_target(models["Qwen3-30B-A3B"], steps["prune_experts"]) == \
+        models["Qwen3-30B-A3B-88E"]
+    for name in ("teacher_correction", "distill_experts"):  # the layouts of docs/SCALING.md
+        argv = steps[name]
+        assert argv[argv.index("--ep") + 1] == "8" and argv[argv.index("--tp") + 1] == "1"
 
 
 def _torchrun_stage_args(printed):
