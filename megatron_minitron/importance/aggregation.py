@@ -11,7 +11,7 @@ merges exactly between data parallel ranks: l2 = sqrt(M2 + n·mean²), var = M2 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -68,6 +68,41 @@ def reduce_sequence(values: torch.Tensor, how: str, magnitude: bool = False) -> 
     return reduced.double()
 
 
+def reduce_routed(values: torch.Tensor, sample: torch.Tensor, num_samples: int, how: str,
+                  magnitude: bool = False, seq_length: Optional[int] = None):
+    """Per-sample reduction of routed tokens: ``values`` [n, c] of n tokens in any order,
+    ``sample`` [n] the sample (0 ≤ id < ``num_samples``) each token belongs to.
+
+    Returns ``(per_sample [num_samples, c] float64, tokens [num_samples])``. With ``seq_length``
+    each sample's reduction runs over all its ``seq_length`` tokens, the ones absent from
+    ``values`` counting as 0 (a sample without routed tokens gives 0); without it, over the
+    sample's routed tokens only (a sample without any gives 0 and ``tokens`` 0, for the caller
+    to leave out). mean, l2 and var as :func:`reduce_sequence` (var: population, two-pass).
+    """
+    values = values.float().reshape(values.shape[0], -1)
+    if magnitude:
+        values = values.abs()
+    channels = values.shape[1]
+    tokens = torch.bincount(sample, minlength=num_samples)[:num_samples]
+    length = (tokens.clamp_min(1) if seq_length is None
+              else torch.full_like(tokens, seq_length)).to(values.dtype).unsqueeze(1)
+
+    def segment_sum(rows):
+        out = torch.zeros(num_samples, channels, dtype=rows.dtype, device=rows.device)
+        return out.index_add_(0, sample, rows)
+
+    if how == "l2":
+        reduced = segment_sum(values.square()).sqrt()
+    else:
+        mean = segment_sum(values) / length
+        if how == "mean":
+            reduced = mean
+        else:
+            absent = (length - tokens.to(values.dtype).unsqueeze(1)) * mean.square()
+            reduced = (segment_sum((values - mean[sample]).square()) + absent) / length
+    return reduced.double(), tokens
+
+
 class StreamingStat:
     """Running (count, mean, M2) over samples for ``num_channels`` channels."""
 
@@ -84,6 +119,12 @@ class StreamingStat:
         self.merge(per_sample.shape[0], per_sample.mean(dim=0),
                    per_sample.var(dim=0, unbiased=False) * per_sample.shape[0])
         return per_sample
+
+    def update_samples(self, per_sample: torch.Tensor) -> None:
+        """Adds already reduced per-sample vectors [k, c] (k may be 0)."""
+        if per_sample.shape[0]:
+            self.merge(per_sample.shape[0], per_sample.mean(dim=0),
+                       per_sample.var(dim=0, unbiased=False) * per_sample.shape[0])
 
     def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if count == 0:
