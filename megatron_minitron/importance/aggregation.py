@@ -79,7 +79,9 @@ def reduce_routed(values: torch.Tensor, sample: torch.Tensor, num_samples: int, 
     sample's routed tokens only (a sample without any gives 0 and ``tokens`` 0, for the caller
     to leave out). mean, l2 and var as :func:`reduce_sequence` (var: population, two-pass).
     """
-    values = values.float().reshape(values.shape[0], -1)
+    values = values.float()
+    if values.dim() == 1:
+        values = values.unsqueeze(1)
     if magnitude:
         values = values.abs()
     channels = values.shape[1]
