@@ -37,7 +37,8 @@ def _micro_batches(samples, dp_rank=0, dp_size=1, mbs=2):
 def _close(actual, expected, rtol):
     actual, expected = actual.double(), expected.double()
     scale = expected.abs().max().clamp_min(1e-12)
-    assert ((actual - expected).abs() <= rtol * scale).all(), (actual - expected).abs().max() / scale
+    error = (actual - expected).abs()
+    assert (error <= rtol * scale).all(), error.max() / scale
 
 
 def _same_ranking(actual, expected):
@@ -84,7 +85,16 @@ def _capture_moe_inputs(model):
     return record, handles
 
 
-def _expected_moe(model, cfg, record, batch_how, seq_how):
+def _neuron_values(gate, up, probs, source):
+    """A (shared) expert's per-token neuron values for ``source`` ([n, f])."""
+    if source == "fc1":
+        return gate
+    if source == "up":
+        return up
+    return F.silu(gate) * up * probs  # the fc2 input, router probability applied
+
+
+def _expected_moe(model, cfg, record, batch_how, seq_how, source="fc2_input"):
     """The MoE scores by hand from the weights and each MoE layer's input and routing."""
     out = {key: torch.zeros(shape, dtype=torch.float64) for key, shape in (
         ("expert", (cfg.num_layers, cfg.num_moe_experts)),
@@ -103,7 +113,7 @@ def _expected_moe(model, cfg, record, batch_how, seq_how):
                 x = hidden[:, b]  # [s, h]
                 rows = torch.arange(seq) * batch + b  # the routing map's rows of this sample
                 sh = F.linear(x, shared.linear_fc1.weight.double()).chunk(2, dim=-1)
-                shared_samples.append(_reduce((F.silu(sh[0]) * sh[1]).abs(), seq_how))
+                shared_samples.append(_reduce(_neuron_values(*sh, 1.0, source).abs(), seq_how))
                 per_expert = torch.zeros(len(experts), dtype=torch.float64)
                 for e, expert in enumerate(experts):
                     routed = routing_map[rows, e]
@@ -114,7 +124,8 @@ def _expected_moe(model, cfg, record, batch_how, seq_how):
                     contribution = torch.where(routed, y.norm(dim=-1), 0.0)  # 0: not routed
                     per_expert[e] = _reduce(contribution.unsqueeze(1), seq_how)[0]
                     if routed.any():
-                        neuron_samples[e].append(_reduce(act[routed].abs(), seq_how))
+                        values = _neuron_values(gate, up, probs[rows, e].unsqueeze(1), source)
+                        neuron_samples[e].append(_reduce(values[routed].abs(), seq_how))
                 expert_samples.append(per_expert)
         out["expert"][index] = _reduce(torch.stack(expert_samples), batch_how)
         out["shared_neuron"][index] = _reduce(torch.stack(shared_samples), batch_how)
@@ -138,13 +149,29 @@ def test_moe_scores_equal_plain_reimplementation(moe_model, batch_how, seq_how):
     for key in MOE_SCORE_KEYS:
         assert scores[key].shape == expected[key].shape, key
         _close(scores[key], expected[key], 1e-5)
-    assert scores["expert_tokens"].sum(1).tolist() == [SAMPLES * SEQ * 2, 0] + [SAMPLES * SEQ * 2] * 2
+    routed = SAMPLES * SEQ * cfg.moe_router_topk
+    assert scores["expert_tokens"].sum(1).tolist() == [routed, 0, routed, routed]
     dense, moe = 1, [0, 2, 3]
     assert (scores["neuron"][moe] == 0).all() and (scores["neuron"][dense] > 0).all()
     for key in MOE_SCORE_KEYS:
         assert (scores[key][dense] == 0).all()
     assert (scores["expert"][moe] > 0).all() and (scores["expert_neuron"][moe] > 0).all()
     assert scores["meta"]["num_samples"] == SAMPLES
+
+
+@pytest.mark.parametrize("source", ["fc1", "up"])
+def test_moe_neuron_sources_equal_plain_reimplementation(moe_model, source):
+    model, cfg = moe_model
+    record, handles = _capture_moe_inputs(model)
+    try:
+        scores = estimate_importance(model, cfg, _micro_batches(_samples()),
+                                     ImportanceConfig("l2,mean", source, depth=False))
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = _expected_moe(model, cfg, record, "l2", "mean", source)
+    for key in MOE_SCORE_KEYS:
+        _close(scores[key], expected[key], 1e-5)
 
 
 def test_reduce_routed_matches_a_loop():
@@ -259,19 +286,18 @@ def _single_rank_scores(ckpt, out):
         model = adapter.build_gpt_model(cfg)
         spread_weights(model, cfg)
         save_checkpoint(model, cfg, ckpt)
-        torch.save(estimate_importance(model, cfg, _micro_batches(_samples()),
-                                       ImportanceConfig(depth=False)), out)
+        torch.save(estimate_importance(model, cfg, _micro_batches(_samples())), out)
 
 
-def _layout_scores(ckpt, expected_path, tp, pp, ep):
+def _layout_scores(ckpt, expected_path, tp, pp, ep, depth):
     from megatron.core import parallel_state
 
     with parallel.parallel_context(tp, pp, ep=ep) as layout:
         model, cfg = load_checkpoint(ckpt)
         batches = _micro_batches(_samples(), parallel_state.get_data_parallel_rank(), layout.dp)
-        scores = estimate_importance(model, cfg, batches, ImportanceConfig(depth=False))
+        scores = estimate_importance(model, cfg, batches, ImportanceConfig(depth=depth))
     expected = torch.load(expected_path, weights_only=False)
-    for key in DENSE_KEYS + MOE_SCORE_KEYS:
+    for key in DENSE_KEYS + MOE_SCORE_KEYS + (("layer_ppl",) if depth else ()):
         assert scores[key].shape == expected[key].shape, key
         _close(scores[key], expected[key], 1e-4)
         _same_ranking(scores[key], expected[key])
@@ -280,6 +306,8 @@ def _layout_scores(ckpt, expected_path, tp, pp, ep):
             _same_ranking(scores["expert_neuron"][layer, e], expected["expert_neuron"][layer, e])
     assert torch.equal(scores["expert_tokens"], expected["expert_tokens"])
     assert scores["meta"]["num_samples"] == SAMPLES
+    for n in expected["block_bi"] if depth else ():
+        _close(scores["block_bi"][n], expected["block_bi"][n], 1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +322,8 @@ def single_rank_scores(tmp_path_factory):
                          ids=["tp2", "ep2", "tp2_ep2", "pp2_ep2", "ep2_dp4"])
 def test_moe_scores_identical_at_every_layout(single_rank_scores, tp, pp, ep, world):
     ckpt, expected = single_rank_scores
-    spawn(_layout_scores, world, ckpt, expected, tp, pp, ep)
+    depth = (tp, pp, ep) == (1, 1, 2)  # layer PPL and block BI with experts split too
+    spawn(_layout_scores, world, ckpt, expected, tp, pp, ep, depth)
 
 
 # ---------------------------------------------------------------------- command line

@@ -4,6 +4,10 @@ A score source yields per-token values ``x`` of shape [s, b, c] (c = channels, h
 Each sample is first reduced over its sequence (``seq``: mean, l2 or var) to a [b, c] vector; those
 per-sample vectors are then reduced over every calibration sample (``batch``: mean, l2 or var).
 
+Tokens routed to an expert arrive permuted; :func:`reduce_routed` reduces them per sample from
+their recovered sample ids (over a sample's routed tokens, or over all its tokens with the
+others counting as 0), with the same three reductions.
+
 The batch reduction keeps ``(count, mean, M2)`` per channel (Chan/Welford form, float64), which
 merges exactly between data parallel ranks: l2 = sqrt(M2 + n·mean²), var = M2 / n (population).
 """

@@ -28,11 +28,11 @@ from megatron_minitron.errors import UsageError
 from megatron_minitron.importance.aggregation import Aggregation
 from megatron_minitron.importance.collect import ScoreCollector
 from megatron_minitron.importance.depth import block_importance, layer_perplexity, skip_layer
-from megatron_minitron.importance.moe import MOE_SCORE_KEYS, moe_score_shapes
+from megatron_minitron.importance.moe import moe_score_shapes
 from megatron_minitron.model.forward import pipeline_forward
 
 SCORE_KEYS = ("head", "query_group", "neuron", "channel", "layer_ppl", "layer_bi", "block_bi")
-ALL_SCORE_KEYS = SCORE_KEYS + MOE_SCORE_KEYS
+"""Keys of every SCORES file; a mixture-of-experts model's also hold ``moe.MOE_SCORE_KEYS``."""
 
 
 @dataclass

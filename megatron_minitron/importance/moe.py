@@ -154,7 +154,7 @@ class ExpertCollector:
 
         def hook(module, args, output):
             per_expert = [int(n) for n in args[1].tolist()]  # tokens of each local expert
-            arrived_probs = args[2].detach().float()
+            arrived_probs = args[2].detach()
             out = adapter.linear_output(output).detach().float()
             if self.etp > 1:  # partial sums over the expert tensor parallel group until combine
                 out = parallel.all_reduce(out.clone(), group=adapter.expert_tensor_parallel_group())
@@ -204,7 +204,8 @@ class ExpertCollector:
             raise TokenOrderError(f"expert {expert_id} received {count} tokens; the routing maps "
                                   f"route {position - start} to it")
         keep, sample, expected = torch.cat(keep), torch.cat(sample), torch.cat(expected)
-        if not torch.allclose(arrived_probs[keep], expected, rtol=1e-6, atol=1e-7):
+        expected = expected.to(arrived_probs.dtype).float()  # as the dispatcher sent them
+        if not torch.allclose(arrived_probs[keep].float(), expected, rtol=1e-6, atol=1e-7):
             raise TokenOrderError(f"expert {expert_id}: the dispatched tokens are not in the "
                                   "order adapter.moe_token_sources describes")
         return keep, sample
