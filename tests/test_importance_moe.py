@@ -174,6 +174,23 @@ def test_moe_neuron_sources_equal_plain_reimplementation(moe_model, source):
         _close(scores[key], expected[key], 1e-5)
 
 
+def test_moe_without_shared_expert_with_biases(moe_model, tmp_path):
+    cfg = tiny_moe_config(add_bias_linear=True, activation="gelu", moe_layer_freq=2,
+                          moe_shared_expert_intermediate_size=None, moe_shared_expert_gate=False)
+    model = adapter.build_gpt_model(cfg)
+    for source in ("fc2_input", "fc1"):
+        scores = estimate_importance(model, cfg, _micro_batches(_samples())[:2],
+                                     ImportanceConfig(neuron_source=source, depth=False))
+        assert scores["shared_neuron"].shape == (4, 0)
+        assert scores["expert_neuron"].shape == (4, 6, 32)
+        assert (scores["expert"][[0, 2]] > 0).all() and (scores["expert"][[1, 3]] == 0).all()
+        assert (scores["expert_neuron"][[0, 2]] > 0).any(dim=-1).all()
+        assert (scores["neuron"][[0, 2]] == 0).all() and (scores["neuron"][[1, 3]] > 0).all()
+    path = str(tmp_path / "scores.pt")
+    torch.save(scores, path)
+    assert load_scores(path, cfg)["shared_neuron"].shape == (4, 0)
+
+
 def test_reduce_routed_matches_a_loop():
     values = torch.randn(11, 3, generator=torch.Generator().manual_seed(0))
     sample = torch.tensor([0, 2, 2, 0, 3, 3, 3, 0, 2, 3, 0])

@@ -133,11 +133,12 @@ class ScoreCollector:
             self.finite.record(stat.update(values, magnitude=True), index, "MLP")
         return hook
 
-    def _mlp_hooks(self, mlp, stat, index):
-        """Hooks a dense MLP (or a shared expert) into ``stat``; returns the handle."""
+    def _mlp_hook(self, fc1, fc2, stat, index):
+        """Hooks the MLP with linears ``fc1``, ``fc2`` (dense, or a shared expert) into
+        ``stat``; returns the handle."""
         if self.neuron_source == "fc2_input":
-            return mlp.linear_fc2.register_forward_pre_hook(self._fc2_input_hook(stat, index))
-        return mlp.linear_fc1.register_forward_hook(self._fc1_output_hook(stat, index))
+            return fc2.register_forward_pre_hook(self._fc2_input_hook(stat, index))
+        return fc1.register_forward_hook(self._fc1_output_hook(stat, index))
 
     def _norm_hook(self, index):
         stat = StreamingStat(self.cfg.hidden_size, self.agg, self.device)
@@ -166,9 +167,11 @@ class ScoreCollector:
             if self.moe is not None and adapter.is_moe_layer(layer):
                 shared = self.moe.register(layer, index, add)
                 if shared is not None:
-                    add(self._mlp_hooks(shared, self.moe.shared[index], index))
+                    add(self._mlp_hook(shared.linear_fc1, shared.linear_fc2,
+                                       self.moe.shared[index], index))
             else:
-                add(self._mlp_hooks(layer.mlp, self.neuron[index], index))
+                add(self._mlp_hook(adapter.mlp_fc1(layer), adapter.mlp_fc2(layer),
+                                   self.neuron[index], index))
             for norm in adapter.layer_norms(layer):  # standalone or fused into the next linear
                 add(norm.register_output_hook(self._norm_hook(index)))
             add(layer.register_forward_hook(self._layer_hook(index), with_kwargs=True))
