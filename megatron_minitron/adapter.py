@@ -353,6 +353,60 @@ def local_expert_suffix(expert: int, rest: str) -> str:
     return f"{_LOCAL_EXPERT_PREFIX}{expert}.{rest}"
 
 
+def routed_experts(layer) -> torch.nn.Module:
+    """The module running this rank's routed experts of a mixture-of-experts layer (mcore's
+    ``SequentialMLP``): ``forward(tokens [N, h], tokens_per_expert [local], probs [N])`` takes
+    every local expert's tokens, expert after expert, and returns their outputs [N, h] (before
+    any reduction over the expert tensor parallel group) with the router probabilities already
+    applied (mcore scales each expert's ``linear_fc2`` input by them)."""
+    local_experts(layer)  # refuses grouped-GEMM experts
+    return layer.mlp.experts
+
+
+def moe_token_sources(layer) -> List[int]:
+    """The expert parallel rank each chunk of a local expert's dispatched tokens comes from, in
+    the order mcore's token dispatcher lays the chunks out.
+
+    Each chunk holds the tokens that one (expert tensor parallel rank, expert parallel rank)
+    routed to the expert, in ascending token order. Without sequence parallelism the tensor
+    parallel ranks hold the same tokens, so a token arrives once per expert tensor parallel
+    rank: the all-to-all dispatcher (EP > 1) gathers its chunks tensor-parallel-rank-major,
+    [(tp, ep) for tp for ep]; the all-gather dispatcher (EP = 1) one chunk per TP rank.
+    """
+    from megatron.core.transformer.moe.token_dispatcher import (
+        MoEAllGatherTokenDispatcher,
+        MoEAlltoAllTokenDispatcher,
+    )
+
+    dispatcher = layer.mlp.token_dispatcher
+    tp, ep = dispatcher.tp_size, dispatcher.ep_size
+    if isinstance(dispatcher, MoEAlltoAllTokenDispatcher) and not dispatcher.drop_and_pad:
+        return [rank for _ in range(tp) for rank in range(ep)]
+    if isinstance(dispatcher, MoEAllGatherTokenDispatcher) and ep == 1:
+        return [0] * tp
+    raise NotImplementedError(f"{type(dispatcher).__name__} at EP={ep} (token order unknown); "
+                              "use the all-to-all dispatcher for EP > 1 without capacity")
+
+
+def expert_parallel_group():
+    return parallel_state.get_expert_model_parallel_group()
+
+
+def expert_parallel_rank() -> int:
+    return parallel_state.get_expert_model_parallel_rank()
+
+
+def expert_tensor_parallel_group():
+    """The group an expert's neurons are split over (mcore's expert tensor parallel group;
+    the tensor parallel group unless set apart)."""
+    return parallel_state.get_expert_tensor_parallel_group()
+
+
+def expert_data_parallel_group():
+    """The data parallel ranks holding the same experts (they see different tokens)."""
+    return parallel_state.get_expert_data_parallel_group()
+
+
 # ---------------------------------------------------------------- norms, whichever spec
 
 NO_NORM = "no_norm"

@@ -3,6 +3,9 @@
     minitron importance --load CKPT --text-file corpus/ --num-samples 1024 --seq-length 512 \
         --aggregation l2,mean --output scores.pt
     torchrun --nproc-per-node 8 -m megatron_minitron importance --tp 2 --pp 2 ...
+
+On a mixture-of-experts checkpoint SCORES also hold expert, expert_tokens, expert_neuron and
+shared_neuron (``importance/moe.py``).
 """
 
 from __future__ import annotations
@@ -60,8 +63,9 @@ def main(args) -> int:
     cfg = checkpoint_config(args.load)
     icfg = validate(args, lambda path: cfg)
     try:
-        layout = parallel.initialize(args.tp, args.pp, args.seed)
-        cfg.check_layout(layout.tp, layout.pp)
+        # expert parallel size: the layout's --expert-model-parallel-size where it is offered
+        layout = parallel.initialize(args.tp, args.pp, args.seed, ep=args.ep)
+        cfg.check_layout(layout.tp, layout.pp, layout.ep)
         run(args, cfg, icfg, layout)
     finally:
         parallel.teardown()
@@ -80,6 +84,20 @@ def run(args, cfg, icfg, layout):
             plot_scores(scores, os.path.splitext(args.output)[0] + ".png")
         print(f"wrote {args.output}: {scores['meta']['num_samples']} samples, "
               f"{scores['meta']['num_tokens']} tokens, aggregation {scores['meta']['aggregation']}")
+        if "expert_tokens" in scores:
+            print(expert_summary(scores))
+
+
+def expert_summary(scores) -> str:
+    """One line on routing: experts scored, and the least and most used expert's share of its
+    layer's routed tokens."""
+    tokens = scores["expert_tokens"].double()
+    used = tokens[tokens.sum(dim=1) > 0]  # MoE layers
+    if not used.numel():
+        return "experts: no tokens routed"
+    share = used / used.sum(dim=1, keepdim=True)
+    return (f"experts: {used.shape[0]} MoE layers × {tokens.shape[1]} experts; routed-token "
+            f"share per expert {float(share.min()):.1%} to {float(share.max()):.1%}")
 
 
 def compute_scores(load, samples, args, icfg, layout):

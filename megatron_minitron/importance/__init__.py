@@ -1,5 +1,7 @@
 """Activation-based importance (forward passes only): heads, query groups, neurons, channels,
-layers (perplexity and Block Importance), exact under tensor, pipeline and data parallelism."""
+layers (perplexity and Block Importance), and for mixture-of-experts models experts, their
+neurons and the shared expert's neurons, exact under tensor, pipeline, data and expert
+parallelism."""
 
 from megatron_minitron.importance.aggregation import Aggregation  # noqa: F401
 from megatron_minitron.importance.estimate import (  # noqa: F401
@@ -10,3 +12,4 @@ from megatron_minitron.importance.estimate import (  # noqa: F401
     load_scores,
     save_scores,
 )
+from megatron_minitron.importance.moe import MOE_SCORE_KEYS, moe_score_shapes  # noqa: F401

@@ -4,6 +4,10 @@ A score source yields per-token values ``x`` of shape [s, b, c] (c = channels, h
 Each sample is first reduced over its sequence (``seq``: mean, l2 or var) to a [b, c] vector; those
 per-sample vectors are then reduced over every calibration sample (``batch``: mean, l2 or var).
 
+Tokens routed to an expert arrive permuted; :func:`reduce_routed` reduces them per sample from
+their recovered sample ids (over a sample's routed tokens, or over all its tokens with the
+others counting as 0), with the same three reductions.
+
 The batch reduction keeps ``(count, mean, M2)`` per channel (Chan/Welford form, float64), which
 merges exactly between data parallel ranks: l2 = sqrt(M2 + n·mean²), var = M2 / n (population).
 """
@@ -11,7 +15,7 @@ merges exactly between data parallel ranks: l2 = sqrt(M2 + n·mean²), var = M2 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -68,6 +72,43 @@ def reduce_sequence(values: torch.Tensor, how: str, magnitude: bool = False) -> 
     return reduced.double()
 
 
+def reduce_routed(values: torch.Tensor, sample: torch.Tensor, num_samples: int, how: str,
+                  magnitude: bool = False, seq_length: Optional[int] = None):
+    """Per-sample reduction of routed tokens: ``values`` [n, c] of n tokens in any order,
+    ``sample`` [n] the sample (0 ≤ id < ``num_samples``) each token belongs to.
+
+    Returns ``(per_sample [num_samples, c] float64, tokens [num_samples])``. With ``seq_length``
+    each sample's reduction runs over all its ``seq_length`` tokens, the ones absent from
+    ``values`` counting as 0 (a sample without routed tokens gives 0); without it, over the
+    sample's routed tokens only (a sample without any gives 0 and ``tokens`` 0, for the caller
+    to leave out). mean, l2 and var as :func:`reduce_sequence` (var: population, two-pass).
+    """
+    values = values.float()
+    if values.dim() == 1:
+        values = values.unsqueeze(1)
+    if magnitude:
+        values = values.abs()
+    channels = values.shape[1]
+    tokens = torch.bincount(sample, minlength=num_samples)[:num_samples]
+    length = (tokens.clamp_min(1) if seq_length is None
+              else torch.full_like(tokens, seq_length)).to(values.dtype).unsqueeze(1)
+
+    def segment_sum(rows):
+        out = torch.zeros(num_samples, channels, dtype=rows.dtype, device=rows.device)
+        return out.index_add_(0, sample, rows)
+
+    if how == "l2":
+        reduced = segment_sum(values.square()).sqrt()
+    else:
+        mean = segment_sum(values) / length
+        if how == "mean":
+            reduced = mean
+        else:
+            absent = (length - tokens.to(values.dtype).unsqueeze(1)) * mean.square()
+            reduced = (segment_sum((values - mean[sample]).square()) + absent) / length
+    return reduced.double(), tokens
+
+
 class StreamingStat:
     """Running (count, mean, M2) over samples for ``num_channels`` channels."""
 
@@ -84,6 +125,12 @@ class StreamingStat:
         self.merge(per_sample.shape[0], per_sample.mean(dim=0),
                    per_sample.var(dim=0, unbiased=False) * per_sample.shape[0])
         return per_sample
+
+    def update_samples(self, per_sample: torch.Tensor) -> None:
+        """Adds already reduced per-sample vectors [k, c] (k may be 0)."""
+        if per_sample.shape[0]:
+            self.merge(per_sample.shape[0], per_sample.mean(dim=0),
+                       per_sample.var(dim=0, unbiased=False) * per_sample.shape[0])
 
     def merge(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if count == 0:

@@ -28,6 +28,7 @@ from megatron_minitron import adapter, parallel
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.errors import UsageError
 from megatron_minitron.importance.aggregation import Aggregation, StreamingStat
+from megatron_minitron.importance.moe import ExpertCollector
 
 NEURON_SOURCES = ("fc2_input", "fc1", "up")
 ACTIVATION_KINDS = ("norm", "attention head", "MLP", "residual stream")  # in forward order
@@ -96,6 +97,8 @@ class ScoreCollector:
         self.bi_sum = {i: torch.zeros((), dtype=torch.float64, device=device) for i in self.indices}
         self.bi_count = {i: 0 for i in self.indices}
         self.finite = FiniteFlags(self.indices + [cfg.num_layers], device)  # + the final norm
+        self.moe = (ExpertCollector(cfg, agg, neuron_source, device, self.finite.record)
+                    if cfg.is_moe else None)
         self._handles = []
 
     # ------------------------------------------------------------------ hooks
@@ -114,21 +117,28 @@ class ScoreCollector:
             self.group[index].update(grouped)
         return hook
 
-    def _fc2_input_hook(self, index):
+    def _fc2_input_hook(self, stat, index):
         def hook(module, args):
             values = args[0].detach()  # [s, b, ffn_local]
-            self.finite.record(self.neuron[index].update(values, magnitude=True), index, "MLP")
+            self.finite.record(stat.update(values, magnitude=True), index, "MLP")
         return hook
 
-    def _fc1_output_hook(self, index):
+    def _fc1_output_hook(self, stat, index):
         half = 0 if self.neuron_source == "fc1" else 1
 
         def hook(module, args, output):
             values = adapter.linear_output(output).detach()  # [s, b, (2×) ffn_local]
             if self.cfg.gated:
                 values = values.chunk(2, dim=-1)[half]  # mcore fc1 shard = [gate_local; up_local]
-            self.finite.record(self.neuron[index].update(values, magnitude=True), index, "MLP")
+            self.finite.record(stat.update(values, magnitude=True), index, "MLP")
         return hook
+
+    def _mlp_hook(self, fc1, fc2, stat, index):
+        """Hooks the MLP with linears ``fc1``, ``fc2`` (dense, or a shared expert) into
+        ``stat``; returns the handle."""
+        if self.neuron_source == "fc2_input":
+            return fc2.register_forward_pre_hook(self._fc2_input_hook(stat, index))
+        return fc1.register_forward_hook(self._fc1_output_hook(stat, index))
 
     def _norm_hook(self, index):
         stat = StreamingStat(self.cfg.hidden_size, self.agg, self.device)
@@ -154,10 +164,14 @@ class ScoreCollector:
             add = self._handles.append
             add(adapter.attention_output_projection(layer).register_forward_pre_hook(
                 self._attention_hook(index)))
-            if self.neuron_source == "fc2_input":
-                add(adapter.mlp_fc2(layer).register_forward_pre_hook(self._fc2_input_hook(index)))
+            if self.moe is not None and adapter.is_moe_layer(layer):
+                shared = self.moe.register(layer, index, add)
+                if shared is not None:
+                    add(self._mlp_hook(shared.linear_fc1, shared.linear_fc2,
+                                       self.moe.shared[index], index))
             else:
-                add(adapter.mlp_fc1(layer).register_forward_hook(self._fc1_output_hook(index)))
+                add(self._mlp_hook(adapter.mlp_fc1(layer), adapter.mlp_fc2(layer),
+                                   self.neuron[index], index))
             for norm in adapter.layer_norms(layer):  # standalone or fused into the next linear
                 add(norm.register_output_hook(self._norm_hook(index)))
             add(layer.register_forward_hook(self._layer_hook(index), with_kwargs=True))
@@ -183,7 +197,9 @@ class ScoreCollector:
         """Merges over DP, gathers over TP and PP; returns full-model scores on every rank.
 
         Keys: head [L, H], query_group [L, G], neuron [L, F], channel [h], layer_bi [L],
-        and ``samples`` (number of calibration samples seen, over all DP ranks).
+        and ``samples`` (number of calibration samples seen, over all DP ranks); for a
+        mixture-of-experts model also expert [L, E], expert_tokens [L, E], expert_neuron
+        [L, E, F_moe] and shared_neuron [L, F_shared] (see ``moe.py``).
         """
         self.check_finite()
         dp_group = adapter.get_dp_group()
@@ -208,6 +224,19 @@ class ScoreCollector:
         parallel.all_reduce(bi, group=dp_group)
         parallel.all_reduce(channel, group=adapter.get_pp_group())
         rows["layer_bi"] = 1.0 - bi[:, 0] / bi[:, 1].clamp_min(1)
+        if self.moe is not None:
+            shared = []
+            for i in self.indices:
+                stat = self.moe.shared.get(i)
+                if stat is None:
+                    shared.append(torch.zeros(self.moe.shared_local, dtype=torch.float64,
+                                              device=self.device))
+                else:
+                    stat.all_merge(dp_group)
+                    shared.append(stat.result())
+            shared = torch.stack(shared)  # [L_local, F_shared / tp]
+            rows.update(self.moe.results(self.indices,
+                                         _gather_tp(shared) if shared.shape[1] else shared))
         out = {name: _gather_pp(tensor) for name, tensor in rows.items()}
         out["channel"] = channel.cpu()
         out["samples"] = int(samples.item())

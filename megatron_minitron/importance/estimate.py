@@ -5,6 +5,13 @@ SCORES (``torch.load``-able dict)::
     head [L, H]  query_group [L, G]  neuron [L, F]  channel [hidden]
     layer_ppl [L]  layer_bi [L]  block_bi {n: [L − n + 1]}
     meta {model, aggregation, neuron_source, num_samples, num_tokens, data_fingerprint, ...}
+
+and for a mixture-of-experts model (definitions in ``moe.py``; dense models' files hold none)::
+
+    expert [L, E]  expert_tokens [L, E]  expert_neuron [L, E, F_moe]  shared_neuron [L, F_shared]
+
+Dense layers of a mixed stack hold zeros in the MoE keys, MoE layers zeros in ``neuron``
+(``shared_neuron`` is [L, 0] without a shared expert).
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ from megatron_minitron.errors import UsageError
 from megatron_minitron.importance.aggregation import Aggregation
 from megatron_minitron.importance.collect import ScoreCollector
 from megatron_minitron.importance.depth import block_importance, layer_perplexity, skip_layer
+from megatron_minitron.importance.moe import moe_score_shapes
 from megatron_minitron.model.forward import pipeline_forward
 
 SCORE_KEYS = ("head", "query_group", "neuron", "channel", "layer_ppl", "layer_bi", "block_bi")
+"""Keys of every SCORES file; a mixture-of-experts model's also hold ``moe.MOE_SCORE_KEYS``."""
 
 
 @dataclass
@@ -142,13 +151,33 @@ def load_scores(path: str, cfg: Optional[ModelConfig] = None) -> Dict[str, Any]:
     if cfg is not None:
         source = ModelConfig.from_dict(scores["meta"]["model"])
         fields = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                  "num_query_groups", "kv_channels", "vocab_size")
+                  "num_query_groups", "kv_channels", "vocab_size", "num_moe_experts",
+                  "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size")
         diff = [f"{f}={getattr(source, f)} vs {getattr(cfg, f)}" for f in fields
                 if getattr(source, f) != getattr(cfg, f)]
+        if source.moe_layers() != cfg.moe_layers():
+            diff.append(f"MoE layers {_layer_list(source)} vs {_layer_list(cfg)}")
         if diff:
             raise UsageError(f"--scores {path} were computed on a different model "
                              f"({', '.join(diff)}); recompute them on this checkpoint")
+        _check_moe_shapes(scores, cfg, path)
     return scores
+
+
+def _layer_list(cfg: ModelConfig) -> List[int]:
+    return [i for i, moe in enumerate(cfg.moe_layers()) if moe]
+
+
+def _check_moe_shapes(scores: Dict[str, Any], cfg: ModelConfig, path: str) -> None:
+    """Every MoE key present with its shape for ``cfg`` (none needed for a dense model)."""
+    for key, shape in moe_score_shapes(cfg).items():
+        if key not in scores:
+            raise UsageError(f"--scores {path} hold no {key!r} scores of this mixture-of-experts "
+                             "model; recompute them with `minitron importance`")
+        got = tuple(scores[key].shape)
+        if got != shape:
+            raise UsageError(f"--scores {path}: {key} has shape {list(got)}, this model needs "
+                             f"{list(shape)}; recompute them on this checkpoint")
 
 
 def random_scores(cfg: ModelConfig, seed: int = 0) -> Dict[str, Any]:

@@ -1,4 +1,5 @@
-"""PNG summary of a SCORES dict: head heatmap, neuron and channel profiles, layer scores."""
+"""PNG summary of a SCORES dict: head heatmap, neuron and channel profiles, layer scores, and
+for a mixture-of-experts model expert importance and routed-token heatmaps."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any, Dict
 
 
 def plot_scores(scores: Dict[str, Any], path: str) -> None:
-    """Writes a 2×2 figure to ``path`` (matplotlib, no display needed)."""
+    """Writes a 2×2 figure (3×2 with experts) to ``path`` (matplotlib, no display needed)."""
     import matplotlib.pyplot as plt
 
     fig = scores_figure(scores)
@@ -15,14 +16,15 @@ def plot_scores(scores: Dict[str, Any], path: str) -> None:
 
 
 def scores_figure(scores: Dict[str, Any]):
-    """The 2×2 matplotlib figure of :func:`plot_scores`."""
+    """The matplotlib figure of :func:`plot_scores`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     meta = scores.get("meta", {})
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    moe = "expert" in scores and "expert_tokens" in scores
+    fig, axes = plt.subplots(3 if moe else 2, 2, figsize=(12, 13.5 if moe else 9))
     heat = axes[0, 0].imshow(scores["head"].float().numpy(), aspect="auto", cmap="viridis")
     axes[0, 0].set(title="attention head importance", xlabel="head", ylabel="layer")
     fig.colorbar(heat, ax=axes[0, 0], label="head score")
@@ -31,6 +33,8 @@ def scores_figure(scores: Dict[str, Any]):
     layers_n = neuron.shape[0]
     colours = matplotlib.colors.Normalize(vmin=0, vmax=max(1, layers_n - 1))
     for layer in range(layers_n):
+        if not bool((neuron[layer] > 0).any()):  # a MoE layer of a mixed stack: no dense MLP
+            continue
         axes[0, 1].plot(neuron[layer].sort(descending=True).values.numpy(), lw=0.8,
                         color=plt.cm.plasma(colours(layer)))
     axes[0, 1].set(title="MLP neuron importance, sorted per layer", xlabel="rank",
@@ -57,7 +61,21 @@ def scores_figure(scores: Dict[str, Any]):
         twin.set_ylabel("perplexity without the layer", color="tab:red")
         twin.set_yscale("log")
     ax.legend(loc="upper left")
+    if moe:
+        _expert_panels(fig, axes[2], scores)
     fig.suptitle(f"importance ({meta.get('aggregation', '?')} aggregation, "
                  f"{meta.get('num_samples', '?')} samples, {meta.get('num_tokens', '?')} tokens)")
     fig.tight_layout()
     return fig
+
+
+def _expert_panels(fig, axes, scores: Dict[str, Any]) -> None:
+    """Expert importance and each expert's share of its layer's routed tokens, per layer."""
+    tokens = scores["expert_tokens"].float()
+    share = tokens / tokens.sum(dim=1, keepdim=True).clamp_min(1)
+    for ax, values, title, label in (
+            (axes[0], scores["expert"].float(), "expert importance", "expert score"),
+            (axes[1], share, "routed-token share", "share of the layer's routed tokens")):
+        heat = ax.imshow(values.numpy(), aspect="auto", cmap="viridis")
+        ax.set(title=title, xlabel="expert", ylabel="layer")
+        fig.colorbar(heat, ax=ax, label=label)
