@@ -5,7 +5,9 @@ models from scratch (``minitron run`` writes it to WORKDIR/cost.json and cost.md
     print(write_cost(cost, "outputs/smollm2"))
 
 Cost (the compute claim of arXiv 2407.14679), with N a model's exact parameter count
-(:func:`megatron_minitron.config.count_parameters`) and T tokens:
+(:func:`megatron_minitron.config.count_parameters`; for a mixture-of-experts model the
+parameters one token passes through, its ``active`` count, while tables still show the total)
+and T tokens:
 
 - training step (teacher_correction, distill, train): 6·N_trained·T, plus 2·N_teacher·T for the
   teacher's forward when distilling; T is the tokens actually trained (the final checkpoint's
@@ -63,6 +65,11 @@ class _Models:
     def params(self, path: Optional[str]) -> Optional[int]:
         cfg = self.config(path)
         return count_parameters(cfg)["total"] if cfg is not None else None
+
+    def active(self, path: Optional[str]) -> Optional[int]:
+        """Parameters a token passes through (what FLOPs count; the total for dense models)."""
+        cfg = self.config(path)
+        return count_parameters(cfg)["active"] if cfg is not None else None
 
 
 def planned_models(recipe: Recipe) -> _Models:
@@ -136,10 +143,10 @@ def _eval_tokens(step: Step, args) -> tuple:
 def _search_cost(step: Step, args, models: _Models) -> tuple:
     """(tokens, flops, measured) of a search: each candidate's retraining, read from the
     search's search.json when present, else planned from its space and budget."""
-    teacher = models.params(args.teacher or args.load)
+    teacher = models.active(args.teacher or args.load)
     report = read_json(os.path.join(os.path.dirname(step.output), "search.json"))
     if report is not None:
-        runs = [(c["params"], int(c.get("retrain_tokens") or 0))
+        runs = [(c.get("active_params", c["params"]), int(c.get("retrain_tokens") or 0))
                 for c in report.get("candidates", [])]
         measured = True
     else:
@@ -159,16 +166,18 @@ def _planned_search(args, models: _Models) -> Optional[List[tuple]]:
     if source is None:
         return None
     try:
-        candidates, _ = enumerate_candidates(source, load_space(args.space, source),
-                                             parse_params(args.params), args.tolerance,
-                                             args.tp, args.pp)
-        if not args.retrain:
-            return [(c.params, 0) for c in candidates]
-        config = TrainConfig.from_args(args, train_tokens=args.retrain_tokens)
-        tokens = config.train_steps() * config.global_batch_size * config.seq_length
+        active = getattr(args, "active_params", None) is not None
+        budget = parse_params(args.active_params if active else args.params)
+        candidates, _ = enumerate_candidates(source, load_space(args.space, source), budget,
+                                             args.tolerance, args.tp, args.pp,
+                                             budget="active" if active else "total")
+        tokens = 0
+        if args.retrain:
+            config = TrainConfig.from_args(args, train_tokens=args.retrain_tokens)
+            tokens = config.train_steps() * config.global_batch_size * config.seq_length
     except (UsageError, ValueError, TypeError):
         return None
-    return [(c.params, tokens) for c in candidates]
+    return [(count_parameters(c.config)["active"], tokens) for c in candidates]
 
 
 def step_cost(step: Step, models: _Models) -> Dict[str, Any]:
@@ -182,9 +191,10 @@ def step_cost(step: Step, models: _Models) -> Dict[str, Any]:
         row["teacher_params"] = models.params(getattr(args, "teacher", None))
         row["has_teacher"] = bool(getattr(args, "teacher", None))
         row["tokens"], row["measured"] = _training_tokens(step, args)
-        teacher = row["teacher_params"] or 0
-        if row["params"] is not None and row["tokens"] is not None:
-            row["flops"] = (6 * row["params"] + 2 * teacher) * row["tokens"]
+        teacher = models.active(getattr(args, "teacher", None)) or 0
+        trained = models.active(args.student)
+        if trained is not None and row["tokens"] is not None:
+            row["flops"] = (6 * trained + 2 * teacher) * row["tokens"]
     elif step.stage == "prune":
         models.planned[step.output] = _pruned_config(args, models.config(args.load))
         row.update(params=models.params(step.output), tokens=0, flops=0)
@@ -201,7 +211,7 @@ def step_cost(step: Step, models: _Models) -> Dict[str, Any]:
         else:
             row["tokens"], row["measured"] = _eval_tokens(step, args)
         if row["params"] is not None and row["tokens"] is not None:
-            row["flops"] = 2 * row["params"] * row["tokens"]
+            row["flops"] = 2 * count_parameters(cfg)["active"] * row["tokens"]
     return row
 
 
@@ -252,7 +262,7 @@ def recipe_cost(recipe: Recipe, seconds: Optional[Dict[str, float]] = None) -> D
                                 and r["stage"] in TRAINING + ("search",)),
                  "flops": _sum(flops[name] for name in lineage)}
         if scratch and params is not None:
-            model["scratch_flops"] = 6 * params * scratch
+            model["scratch_flops"] = 6 * models.active(step.output) * scratch
             model["ratio"] = (model["scratch_flops"] / model["flops"]) if model["flops"] else None
         produced.append(model)
     total = {"tokens": _sum(r["tokens"] for r in rows), "flops": _sum(flops.values()),
@@ -262,7 +272,7 @@ def recipe_cost(recipe: Recipe, seconds: Optional[Dict[str, float]] = None) -> D
         total.update(scratch_flops_models=scratch_models,
                      ratio_models=scratch_models / total["flops"])
         if teacher_params is not None:
-            pretrain = 6 * teacher_params * scratch
+            pretrain = 6 * models.active(recipe.teacher) * scratch
             total.update(teacher_pretrain_flops=pretrain,
                          scratch_flops_family=pretrain + scratch_models,
                          flops_family=pretrain + total["flops"],
