@@ -29,6 +29,14 @@ def add_data_arguments(parser: argparse.ArgumentParser, num_samples: int | None,
     add_tokenizer_argument(group)
 
 
+def add_expert_parallel_argument(parser: argparse.ArgumentParser, default: int | None = 1) -> None:
+    """Megatron-LM's ``--expert-model-parallel-size`` (dest ``ep``): the data parallel ranks
+    a mixture-of-experts layer splits its experts over (1: every rank holds every expert).
+    ``default`` None leaves the value to a ``--config`` file (the trainer's default is 1)."""
+    parser.add_argument("--expert-model-parallel-size", dest="ep", type=int, default=default,
+                        help="expert parallel size (default 1)")
+
+
 def add_output_format_argument(parser) -> None:
     from megatron_minitron.checkpoint.megatron_lm import OUTPUT_FORMATS
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
+from megatron_minitron.commands.common import add_expert_parallel_argument
 from megatron_minitron.distill.config import TrainConfig, add_config_arguments, check_run
 from megatron_minitron.errors import UsageError
 
@@ -36,6 +37,7 @@ def add_arguments(parser, name):
         parser.add_argument("--ce-only", action="store_true",
                             help="plain cross-entropy retraining (no teacher)")
     add_layout_arguments(parser)
+    add_expert_parallel_argument(parser, default=None)
     parser.set_defaults(tp=None, pp=None, seed=None)
 
 

@@ -130,6 +130,9 @@ class TrainConfig:
     """Tensor parallel size, shared by teacher and student."""
     pp: int = 1
     """Pipeline parallel size, shared by teacher and student."""
+    ep: int = field(default=1, metadata={"layout_flag": "--expert-model-parallel-size"})
+    """Expert parallel size: mixture-of-experts layers (of the student and the teacher) split
+    their experts over this many of the data parallel ranks."""
     seed: int = 1234
     """Seed of data order and projection initialisation."""
 
@@ -145,7 +148,8 @@ class TrainConfig:
             raise UsageError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.resume not in (None, "auto"):
             raise UsageError(f"--resume {self.resume}: the only mode is 'auto'")
-        for name in ("micro_batch_size", "log_interval", "keep_checkpoints", "topk", "tp", "pp"):
+        for name in ("micro_batch_size", "log_interval", "keep_checkpoints", "topk", "tp", "pp",
+                     "ep"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)} must be >= 1")
         for name in ("lr_warmup_steps", "eval_interval", "eval_samples", "save_interval",
@@ -293,13 +297,15 @@ def _argument_type(annotation):
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip=(), aliases=None,
                          group_title: str = "training") -> None:
-    """Adds one flag per TrainConfig field (except ``skip``); unset flags parse as None."""
+    """Adds one flag per TrainConfig field (except ``skip`` and the layout fields whose flag the
+    command adds itself, e.g. ``ep``: ``--expert-model-parallel-size``); unset flags parse as
+    None."""
     aliases = aliases or {}
     hints = typing.get_type_hints(TrainConfig)
     docs = field_docs(TrainConfig)
     group = parser.add_argument_group(group_title)
     for item in dataclasses.fields(TrainConfig):
-        if item.name in skip:
+        if item.name in skip or "layout_flag" in item.metadata:
             continue
         kind, is_list = _argument_type(hints[item.name])
         default = item.default
@@ -348,7 +354,7 @@ def check_run(config: TrainConfig, world_size: int) -> None:
     from megatron_minitron import parallel
 
     config.check_required()
-    parallel.check_layout(config.tp, config.pp, world_size)
+    parallel.check_layout(config.tp, config.pp, world_size, config.ep)
     dp = world_size // (config.tp * config.pp)
     if config.overlap_param_gather and dp == 1:
         raise UsageError("--overlap-param-gather overlaps the distributed optimizer's "
