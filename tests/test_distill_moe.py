@@ -138,3 +138,103 @@ def test_dense_and_moe_models_distill_from_each_other(runs, name, layout):
     reference = read_log(runs[name])
     assert reference[-1]["kd"] < reference[0]["kd"]
     _assert_same_steps(read_log(runs[f"{name}_{layout}"]), reference)
+
+
+# ------------------------------------------------------------ the load-balancing loss's gradient
+
+
+def _router_grads(models, output, student):
+    """The student's router gradients after one step's schedule (mcore's finalize included),
+    the step's micro-batches, and the MoE loss scale the schedule set."""
+    from megatron_minitron import adapter
+    from megatron_minitron.distill.trainer import Trainer
+
+    trainer = Trainer(train_config(models, output, student=student))
+    trainer.setup()
+    run = trainer.run_state
+    batches = run.next_batches()
+    run.ddp_model.zero_grad_buffer()
+    trainer.run_schedule(batches, forward_only=False)
+    grads = {layer.layer_number: adapter.moe_router(layer).weight.main_grad.clone()
+             for layer in adapter.decoder_layers(run.student) if adapter.is_moe_layer(layer)}
+    assert all(not p.requires_grad for p in run.teacher.parameters())
+    scale = adapter.moe_aux_loss_scale().clone()
+    assert torch.equal(scale.reshape(-1), run.optimizer.get_loss_scale().reshape(-1).cpu())
+    return grads, batches
+
+
+def _aux_gradient(models, root, result):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from megatron_minitron import adapter
+    from megatron_minitron.checkpoint import io
+    from megatron_minitron.model.forward import position_ids_for
+
+    with_aux, batches = _router_grads(models, os.path.join(root, "with"), "moe_student")
+    without, again = _router_grads(models, os.path.join(root, "without"), "moe_student_no_aux")
+    assert all(torch.equal(a["tokens"], b["tokens"]) for a, b in zip(batches, again))
+    # reference: mcore's routers outside the trainer, loss-free forwards whose backward carries
+    # only the load-balancing loss, each micro-batch's weighted 1/M (Megatron-LM's target)
+    model, _ = io.load_checkpoint(os.path.join(models[0], "moe_student"))
+    model.train()
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / len(batches)))
+    for batch in batches:
+        tokens = batch["tokens"]
+        (model(tokens, position_ids_for(tokens), None).sum() * 0).backward()
+    reference = {layer.layer_number: adapter.moe_router(layer).weight.grad
+                 for layer in adapter.decoder_layers(model) if adapter.is_moe_layer(layer)}
+    torch.save({"with": with_aux, "without": without, "reference": reference}, result)
+
+
+def test_load_balancing_loss_gradient_is_megatron_lms(models, tmp_path):
+    """The router gradients of a student with coefficient c minus those of the same student
+    without the loss equal c·∂(mean over micro-batches of Σ_layers aux)/∂W, as mcore's routers
+    compute it outside the trainer: the loss is in the gradient, with the right scale."""
+    result = str(tmp_path / "grads.pt")
+    spawn(_aux_gradient, 1, models, str(tmp_path), result)
+    grads = torch.load(result)
+    assert sorted(grads["reference"]) == sorted(grads["with"]) == [1, 3, 4]
+    for number, reference in grads["reference"].items():
+        difference = grads["with"][number] - grads["without"][number]
+        assert reference.abs().max() > 0
+        torch.testing.assert_close(difference, reference, rtol=1e-4,
+                                   atol=1e-5 * reference.abs().max().item())
+
+
+# ------------------------------------------------------------ layout checks
+
+
+@pytest.mark.parametrize("world, overrides, message", [
+    (4, dict(ep=4), "the student: --expert-model-parallel-size=4 does not divide "
+                    "num_moe_experts=6"),
+    (2, dict(ep=2, tp=2), "--expert-model-parallel-size=2 does not divide the data parallel "
+                          "size 1"),
+    (2, dict(ep=2, student="dense_student"), "the student: --expert-model-parallel-size=2 "
+                                             "needs a mixture-of-experts model"),
+    (2, dict(ep=2, teacher="dense_teacher"), "the teacher: --expert-model-parallel-size=2 "
+                                             "needs a mixture-of-experts model"),
+    (2, dict(tp=2), "MoE layers at --tp 2 only with --sequence-parallel"),
+])
+def test_bad_layouts_fail_in_one_line(models, tmp_path, monkeypatch, world, overrides, message):
+    from megatron_minitron.distill.trainer import Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(UsageError, match=message) as error:
+        Trainer(train_config(models, str(tmp_path / "run"), **overrides))
+    assert "\n" not in str(error.value)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_expert_parallel_flag(models, tmp_path):
+    from megatron_minitron import cli
+    from megatron_minitron.commands.distill import build_config
+
+    root, text = models
+    arguments = ["distill", "--teacher", os.path.join(root, "moe_teacher"), "--student",
+                 os.path.join(root, "moe_student"), "--text-file", text, "--seq-length", "16",
+                 "--train-tokens", "64", "--global-batch-size", "4", "--output",
+                 str(tmp_path / "run")]
+    parser = cli.build_parser(only="distill")
+    assert build_config(parser.parse_args(arguments)).ep == 1
+    config = build_config(parser.parse_args(arguments + ["--expert-model-parallel-size", "2"]))
+    assert config.ep == 2
