@@ -6,6 +6,7 @@ from dense teachers, and bad layouts fail in one line before any heavy work."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -84,10 +85,11 @@ RUNS = {  # name: (world size, trainer overrides)
     "reference": (1, {}),
     "dense_from_moe": (1, dict(student="dense_student")),
     "moe_from_dense": (1, dict(teacher="dense_teacher", student="moe_student_no_aux")),
-    "ep2": (2, dict(ep=2)),
+    "ep2": (2, dict(ep=2, save_interval=2, keep_optimizer_state=True)),
     "dense_from_moe_tp2": (2, dict(student="dense_student", tp=2)),
     "moe_from_dense_dp2": (2, dict(teacher="dense_teacher", student="moe_student_no_aux")),
     "pp2ep2": (4, dict(pp=2, ep=2)),
+    "dp4ep2": (4, dict(ep=2)),  # expert data parallel size 2: expert gradients are reduced
 }
 
 
@@ -112,7 +114,7 @@ def _assert_same_steps(logs, reference, rtol=1e-4):
                 assert ours[key] == pytest.approx(expected[key], rel=rtol), (ours["step"], key)
 
 
-@pytest.mark.parametrize("layout", ["ep2", "pp2ep2"])
+@pytest.mark.parametrize("layout", ["ep2", "pp2ep2", "dp4ep2"])
 def test_expert_parallel_runs_follow_the_single_rank_run(runs, layout):
     """Same global batch: losses, load-balancing loss and gradient norm (so the clipping and
     the optimizer saw every expert's gradient once) agree with the one-rank run at each step."""
@@ -121,6 +123,27 @@ def test_expert_parallel_runs_follow_the_single_rank_run(runs, layout):
     assert all(r["moe_aux_loss"] > 0 for r in reference)
     assert all(r["grad_norm"] > CLIP for r in reference)  # clipping is at work
     _assert_same_steps(read_log(runs[layout]), reference)
+
+
+def _resume(models, output):
+    _run(models, output, resume="auto")
+
+
+def test_expert_parallel_checkpoint_resumes_at_one_rank(runs, models, tmp_path):
+    """Saved at EP=2 (experts and their Adam state split over two ranks, distributed optimizer)
+    after step 2, resumed on one rank: step 3 follows the uninterrupted run."""
+    output = str(tmp_path / "resumed")
+    shutil.copytree(runs["ep2"], output)
+    for drop in (f"checkpoints/iter_{STEPS:07d}", "final", "checkpoints/latest"):
+        path = os.path.join(output, drop)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    spawn(_resume, 1, models, output)
+    logs = read_log(output)
+    _assert_same_steps(logs, read_log(runs["ep2"]))
+    _assert_same_steps(logs, read_log(runs["reference"]))
 
 
 def test_load_balancing_loss_is_logged_only_with_a_coefficient(runs):
