@@ -180,7 +180,9 @@ def _router_grads(models, output, student):
     trainer.run_schedule(batches, forward_only=False)
     grads = {layer.layer_number: adapter.moe_router(layer).weight.main_grad.clone()
              for layer in adapter.decoder_layers(run.student) if adapter.is_moe_layer(layer)}
+    # the MoE teacher is frozen and its routers carry no load-balancing loss
     assert all(not p.requires_grad for p in run.teacher.parameters())
+    assert run.teacher.config.moe_aux_loss_coeff == 0
     scale = adapter.moe_aux_loss_scale().clone()
     assert torch.equal(scale.reshape(-1), run.optimizer.get_loss_scale().reshape(-1).cpu())
     return grads, batches

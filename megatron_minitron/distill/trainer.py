@@ -12,6 +12,17 @@ micro-batches of the co-located :class:`DistillationModel`, then mcore's optimiz
 distributed optimizer when DP > 1) and a cosine learning-rate schedule with linear warm-up.
 Losses are token sums divided once by the global token count (mcore's per-token loss mode),
 so every layout optimises the same objective.
+
+Mixture-of-experts models run at any TP×PP×DP×EP (``ep``: experts split over EP of the data
+parallel ranks; mcore's DDP reduces expert gradients over the expert data parallel group). A
+MoE student's routers add mcore's load-balancing loss with the checkpoint's
+``moe_aux_loss_coeff``: mcore attaches it to the router output, so it enters the backward by
+itself, scaled as Megatron-LM scales it (the optimizer's loss scale; in the per-token mode each
+micro-batch's loss weighs 1/(micro-batches × DP)). Each step logs it as ``moe_aux_loss``
+beside ``loss`` (which holds the KD / CE / intermediate part only, as in validation). A MoE
+teacher runs forward-only, its routers without the loss. EP > 1 needs both models to be MoE
+(dense ones distill from and into MoE ones at EP = 1), and mcore trains a MoE student at
+TP > 1 only with sequence parallelism.
 """
 
 from __future__ import annotations
@@ -146,7 +157,8 @@ class Trainer:
     def train_step(self, batches) -> Dict[str, float]:
         """One optimizer step over ``batches``; returns the step's report (the means of
         :data:`REPORT_FIELDS`, ``lr``, ``grad_norm``, ``skipped`` and, for a MoE student with
-        a load-balancing loss, ``moe_aux_loss``: what its routers added to ``loss``)."""
+        a load-balancing loss, ``moe_aux_loss``: what its routers added to the objective
+        beside ``loss``)."""
         from megatron_minitron import adapter
         from megatron_minitron.compat.cpu import cuda_to_cpu
 
