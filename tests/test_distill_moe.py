@@ -250,9 +250,12 @@ def test_bad_layouts_fail_in_one_line(models, tmp_path, monkeypatch, world, over
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_expert_parallel_flag(models, tmp_path):
+def test_expert_parallel_flag(models, tmp_path, monkeypatch):
+    """``--expert-model-parallel-size`` (default 1) reaches the run; ``minitron run``'s up-front
+    validation checks it against the models too."""
     from megatron_minitron import cli
-    from megatron_minitron.commands.distill import build_config
+    from megatron_minitron.commands.common import existing_model
+    from megatron_minitron.commands.distill import build_config, validate
 
     root, text = models
     arguments = ["distill", "--teacher", os.path.join(root, "moe_teacher"), "--student",
@@ -263,3 +266,10 @@ def test_expert_parallel_flag(models, tmp_path):
     assert build_config(parser.parse_args(arguments)).ep == 1
     config = build_config(parser.parse_args(arguments + ["--expert-model-parallel-size", "2"]))
     assert config.ep == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dense = arguments + ["--expert-model-parallel-size", "2", "--teacher",
+                         os.path.join(root, "dense_teacher")]
+    with pytest.raises(UsageError, match="the teacher: --expert-model-parallel-size=2 needs"):
+        validate(parser.parse_args(dense), existing_model)
+    assert validate(parser.parse_args(arguments + ["--expert-model-parallel-size", "2"]),
+                    existing_model).ep == 2

@@ -388,6 +388,32 @@ def check_run(config: TrainConfig, world_size: int) -> None:
                                  "with `minitron preprocess-data`")
 
 
+def check_models(config: TrainConfig, student, teacher=None) -> None:
+    """The checks of a run that need the models' architectures (``ModelConfig``s; None where
+    not known yet), not their weights: the layout against each model (TP, PP and EP divide what
+    they split; EP > 1 only with mixtures of experts), the sequence length, one vocabulary, and
+    sequence parallelism for a MoE student at TP > 1 (mcore trains MoE layers so only)."""
+    for name, cfg in (("student", student), ("teacher", teacher)):
+        if cfg is None:
+            continue
+        try:
+            cfg.check_layout(config.tp, config.pp, config.ep)
+        except ValueError as err:
+            raise UsageError(f"the {name}: {err}") from None
+        if config.seq_length > cfg.max_position_embeddings:
+            raise UsageError(f"--seq-length {config.seq_length} exceeds the {name}'s "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+    if student is not None and student.is_moe and config.tp > 1 and \
+            not config.sequence_parallel:
+        raise UsageError(f"the student is a mixture of experts: Megatron-Core trains MoE layers "
+                         f"at --tp {config.tp} only with --sequence-parallel; add it (a CUDA "
+                         "machine) or use --expert-model-parallel-size instead of TP")
+    if student is not None and teacher is not None and \
+            teacher.vocab_size != student.vocab_size:
+        raise UsageError(f"teacher vocab_size {teacher.vocab_size} differs from the student's "
+                         f"{student.vocab_size}; distill only between models of one tokenizer")
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)

@@ -39,7 +39,7 @@ from megatron_minitron import parallel
 from megatron_minitron.checkpoint.io import read_checkpoint_info
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.distill import state
-from megatron_minitron.distill.config import TrainConfig, check_run
+from megatron_minitron.distill.config import TrainConfig, check_models, check_run
 from megatron_minitron.distill.losses import LogitLossSpec, logits_loss
 from megatron_minitron.distill.model import LayerPair, check_pairs, parse_pairs
 from megatron_minitron.errors import UsageError
@@ -116,24 +116,7 @@ class Trainer:
     def _check_inputs(self) -> None:
         config, student, teacher = self.config, self.student_cfg, self.teacher_cfg
         check_run(config, parallel.world_size_from_env())
-        for name, cfg in (("student", student), ("teacher", teacher)):
-            if cfg is None:
-                continue
-            try:  # EP > 1 needs both models to be mixtures of experts
-                cfg.check_layout(config.tp, config.pp, config.ep)
-            except ValueError as err:
-                raise UsageError(f"the {name}: {err}") from None
-            if config.seq_length > cfg.max_position_embeddings:
-                raise UsageError(f"--seq-length {config.seq_length} exceeds the {name}'s "
-                                 f"max_position_embeddings {cfg.max_position_embeddings}")
-        if student.is_moe and config.tp > 1 and not config.sequence_parallel:
-            raise UsageError(f"the student is a mixture of experts: Megatron-Core trains MoE "
-                             f"layers at --tp {config.tp} only with --sequence-parallel; add it "
-                             "(a CUDA machine) or use --expert-model-parallel-size instead of TP")
-        if teacher is not None and teacher.vocab_size != student.vocab_size:
-            raise UsageError(f"teacher vocab_size {teacher.vocab_size} differs from the "
-                             f"student's {student.vocab_size}; distill only between models of "
-                             "one tokenizer")
+        check_models(config, student, teacher)
         if teacher is not None:
             check_tokenizers(config)
             check_pairs(self.pairs, teacher, student, config.pp)
