@@ -407,6 +407,56 @@ def expert_data_parallel_group():
     return parallel_state.get_expert_data_parallel_group()
 
 
+MOE_AUX_LOSS = "load_balancing_loss"
+"""The name mcore's routers record their load-balancing (``aux_loss``) loss under."""
+
+
+def moe_aux_loss_record():
+    """What mcore's routers recorded of the load-balancing loss since the last
+    :func:`clear_moe_aux_loss_record`: ``(values, sum_group, average_over_dp)`` or None when no
+    router of this rank recorded one. ``values`` [num_layers]: each layer's loss (without its
+    coefficient) summed over the micro-batches; ``sum_group``: the group whose partial values
+    add up (mcore's TP×CP group), or None; ``average_over_dp``: whether the data parallel ranks'
+    values are to be averaged. mcore >= 0.17 keeps them in its MoE metrics tracker, earlier
+    versions in a module dict."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        entry = get_moe_layer_wise_logging_tracker().get(MOE_AUX_LOSS)
+        if entry is None:
+            return None
+        return (entry["values"], entry.get("reduce_group"),
+                not entry.get("reduce_group_has_dp", False))
+    entry = get_moe_metrics_tracker().metrics.get(MOE_AUX_LOSS)
+    if entry is None:
+        return None
+    return entry.values, entry.reduce_group, entry.needs_dp_avg
+
+
+def clear_moe_aux_loss_record() -> None:
+    """Drops what :func:`moe_aux_loss_record` reads (every metric mcore's routers recorded,
+    with the process groups they name; the routers make new entries as they record)."""
+    try:
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+    except ImportError:
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
+        return
+    destroy_moe_metrics_tracker()
+
+
+def moe_aux_loss_scale() -> Optional[torch.Tensor]:
+    """The factor mcore's routers multiply the load-balancing loss's gradient by in backward
+    (``MoEAuxLossAutoScaler``; set by the pipeline schedule at each micro-batch), or None
+    before any was set."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    return MoEAuxLossAutoScaler.main_loss_backward_scale
+
+
 # ---------------------------------------------------------------- norms, whichever spec
 
 NO_NORM = "no_norm"

@@ -16,7 +16,12 @@ from __future__ import annotations
 
 from megatron_minitron import parallel
 from megatron_minitron.cli import add_layout_arguments
-from megatron_minitron.distill.config import TrainConfig, add_config_arguments, check_run
+from megatron_minitron.distill.config import (
+    TrainConfig,
+    add_config_arguments,
+    check_models,
+    check_run,
+)
 from megatron_minitron.errors import UsageError
 
 ALIASES = {"student": ("--load",), "precision": ("--dtype",)}
@@ -36,7 +41,7 @@ def add_arguments(parser, name):
         parser.add_argument("--ce-only", action="store_true",
                             help="plain cross-entropy retraining (no teacher)")
     add_layout_arguments(parser)
-    parser.set_defaults(tp=None, pp=None, seed=None)
+    parser.set_defaults(tp=None, pp=None, ep=None, seed=None)  # unset: from --config, else 1
 
 
 def build_config(args) -> TrainConfig:
@@ -57,22 +62,14 @@ def build_config(args) -> TrainConfig:
 
 def validate(args, model_config=None) -> TrainConfig:
     """Every check that needs no weights (``minitron run`` runs it for each step up front):
-    flags, layout, batch arithmetic, schedule, data paths, and the sequence length and vocab
-    of the models where ``model_config`` knows them."""
+    flags, layout, batch arithmetic, schedule, data paths, and the layout, sequence length and
+    vocab against the models where ``model_config`` knows them."""
     config = build_config(args)
     check_run(config, parallel.world_size_from_env())
     if model_config is not None:
         student = model_config(config.student)
         teacher = model_config(config.teacher) if config.teacher else None
-        for name, cfg in (("student", student), ("teacher", teacher)):
-            if cfg is not None and config.seq_length > cfg.max_position_embeddings:
-                raise UsageError(f"--seq-length {config.seq_length} exceeds the {name}'s "
-                                 f"max_position_embeddings {cfg.max_position_embeddings}")
-        if student is not None and teacher is not None and \
-                student.vocab_size != teacher.vocab_size:
-            raise UsageError(f"teacher vocab_size {teacher.vocab_size} differs from the "
-                             f"student's {student.vocab_size}; distill only between models of "
-                             "one tokenizer")
+        check_models(config, student, teacher)
     return config
 
 

@@ -1,7 +1,8 @@
 """Knowledge distillation and (re)training of pruned students.
 
 * :class:`TrainConfig`, :class:`Trainer` (``config``, ``trainer``): a distillation, teacher
-  correction or cross-entropy run at any TP×PP×DP, with exact resume.
+  correction or cross-entropy run at any TP×PP×DP (×EP for mixture-of-experts models, whose
+  router load-balancing loss the student trains on and logs), with exact resume.
 * :func:`logits_loss`, :func:`intermediate_loss`, :class:`LogitLossSpec` (``losses``): KD and
   cross-entropy on vocab-parallel logits, exact at any TP size, chunked over the sequence.
 * :class:`DistillationModel`, :class:`LayerPair` (``model``): a student stage with its

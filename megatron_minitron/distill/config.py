@@ -130,6 +130,9 @@ class TrainConfig:
     """Tensor parallel size, shared by teacher and student."""
     pp: int = 1
     """Pipeline parallel size, shared by teacher and student."""
+    ep: int = field(default=1, metadata={"layout_flag": "--expert-model-parallel-size"})
+    """Expert parallel size: mixture-of-experts layers (of the student and the teacher) split
+    their experts over this many of the data parallel ranks."""
     seed: int = 1234
     """Seed of data order and projection initialisation."""
 
@@ -145,7 +148,8 @@ class TrainConfig:
             raise UsageError(f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}")
         if self.resume not in (None, "auto"):
             raise UsageError(f"--resume {self.resume}: the only mode is 'auto'")
-        for name in ("micro_batch_size", "log_interval", "keep_checkpoints", "topk", "tp", "pp"):
+        for name in ("micro_batch_size", "log_interval", "keep_checkpoints", "topk", "tp", "pp",
+                     "ep"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{_flag(name)} {getattr(self, name)} must be >= 1")
         for name in ("lr_warmup_steps", "eval_interval", "eval_samples", "save_interval",
@@ -293,13 +297,15 @@ def _argument_type(annotation):
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip=(), aliases=None,
                          group_title: str = "training") -> None:
-    """Adds one flag per TrainConfig field (except ``skip``); unset flags parse as None."""
+    """Adds one flag per TrainConfig field (except ``skip`` and the layout fields whose flag the
+    command adds itself, e.g. ``ep``: ``--expert-model-parallel-size``); unset flags parse as
+    None."""
     aliases = aliases or {}
     hints = typing.get_type_hints(TrainConfig)
     docs = field_docs(TrainConfig)
     group = parser.add_argument_group(group_title)
     for item in dataclasses.fields(TrainConfig):
-        if item.name in skip:
+        if item.name in skip or "layout_flag" in item.metadata:
             continue
         kind, is_list = _argument_type(hints[item.name])
         default = item.default
@@ -348,7 +354,7 @@ def check_run(config: TrainConfig, world_size: int) -> None:
     from megatron_minitron import parallel
 
     config.check_required()
-    parallel.check_layout(config.tp, config.pp, world_size)
+    parallel.check_layout(config.tp, config.pp, world_size, config.ep)
     dp = world_size // (config.tp * config.pp)
     if config.overlap_param_gather and dp == 1:
         raise UsageError("--overlap-param-gather overlaps the distributed optimizer's "
@@ -380,6 +386,32 @@ def check_run(config: TrainConfig, world_size: int) -> None:
             if not os.path.isfile(prefix + ".idx"):
                 raise UsageError(f"--data-prefix {prefix} has no .idx/.bin files; build them "
                                  "with `minitron preprocess-data`")
+
+
+def check_models(config: TrainConfig, student, teacher=None) -> None:
+    """The checks of a run that need the models' architectures (``ModelConfig``s; None where
+    not known yet), not their weights: the layout against each model (TP, PP and EP divide what
+    they split; EP > 1 only with mixtures of experts), the sequence length, one vocabulary, and
+    sequence parallelism for a MoE student at TP > 1 (mcore trains MoE layers so only)."""
+    for name, cfg in (("student", student), ("teacher", teacher)):
+        if cfg is None:
+            continue
+        try:
+            cfg.check_layout(config.tp, config.pp, config.ep)
+        except ValueError as err:
+            raise UsageError(f"the {name}: {err}") from None
+        if config.seq_length > cfg.max_position_embeddings:
+            raise UsageError(f"--seq-length {config.seq_length} exceeds the {name}'s "
+                             f"max_position_embeddings {cfg.max_position_embeddings}")
+    if student is not None and student.is_moe and config.tp > 1 and \
+            not config.sequence_parallel:
+        raise UsageError(f"the student is a mixture of experts: Megatron-Core trains MoE layers "
+                         f"at --tp {config.tp} only with --sequence-parallel; add it (a CUDA "
+                         "machine) or use --expert-model-parallel-size instead of TP")
+    if student is not None and teacher is not None and \
+            teacher.vocab_size != student.vocab_size:
+        raise UsageError(f"teacher vocab_size {teacher.vocab_size} differs from the student's "
+                         f"{student.vocab_size}; distill only between models of one tokenizer")
 
 
 def _is_number(text: str) -> bool:

@@ -23,6 +23,8 @@ def _format_parts(report: Dict[str, float], distilling: bool, intermediate: bool
     parts.append(f"ce {report['ce']:.4f}")
     if intermediate:
         parts.append(f"is {report['is']:.4f}")
+    if report.get("moe_aux_loss") is not None:
+        parts.append(f"moe aux {report['moe_aux_loss']:.4f}")
     return " ".join(parts)
 
 
@@ -64,7 +66,7 @@ class ProgressLog:
         self.steps_timed += 1
         self._write(dict(report, split="train", step=step, seconds=round(seconds, 6)))
         if self.writer is not None:
-            for name in ("loss", "kd", "ce", "is", "lr", "grad_norm"):
+            for name in ("loss", "kd", "ce", "is", "moe_aux_loss", "lr", "grad_norm"):
                 if report.get(name) is not None:
                     self.writer.add_scalar(f"train/{name}", report[name], step)
         mean = self.step_seconds / self.steps_timed

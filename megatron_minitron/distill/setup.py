@@ -139,6 +139,14 @@ def lr_scheduler(optimizer, config):
         wd_incr_style="constant")
 
 
+def frozen_config(cfg):
+    """The architecture a frozen (forward-only) model is built with: no load-balancing loss
+    in its MoE routers, so a teacher adds nothing to the student's loss or its record."""
+    if not cfg.is_moe or not cfg.moe_aux_loss_coeff:
+        return cfg
+    return dataclasses.replace(cfg, moe_aux_loss_coeff=0.0)
+
+
 def wrap_for_training(student, teacher, student_cfg, teacher_cfg, pairs=(),
                       intermediate_kind: str = "cosine", seed: int = 1234,
                       ddp_overrides: Optional[dict] = None):
@@ -199,7 +207,7 @@ def build_run(trainer) -> RunState:
     for message in (r".*`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                     r"deprecated", r".*\.grad attribute of a Tensor that is not a leaf"):
         warnings.filterwarnings("ignore", message=message)  # raised inside mcore, every step
-    layout = parallel.initialize(config.tp, config.pp, config.seed)
+    layout = parallel.initialize(config.tp, config.pp, config.seed, ep=config.ep)
     start_step = trainer.resume_step or 0
     state.start_run(config.output, trainer.identity(), config.to_dict(), trainer.resume_step)
     tokenizer = _load_tokenizer(trainer)
@@ -212,6 +220,9 @@ def build_run(trainer) -> RunState:
         resume_dir = os.path.join(config.output, state.FINAL)
     student_fields, ddp_fields = gpu_features(config, trainer.student_cfg, student_dtype, True,
                                               layout.dp)
+    # the loss is a token sum (mcore's per-token mode): MoE routers scale their load-balancing
+    # loss to match, so its gradient is coeff·mean over micro-batches and data parallel ranks
+    student_fields["calculate_per_token_loss"] = True
     student = adapter.build_gpt_model(trainer.student_cfg, params_dtype=student_dtype,
                                       init_weights=False, **student_fields)
     load_weights(student, resume_dir or config.student)
@@ -219,13 +230,17 @@ def build_run(trainer) -> RunState:
     if config.distilling:
         teacher_fields, _ = gpu_features(config, trainer.teacher_cfg, teacher_dtype, False,
                                          layout.dp)
-        teacher = adapter.build_gpt_model(trainer.teacher_cfg, params_dtype=teacher_dtype,
-                                          init_weights=False, **teacher_fields)
+        teacher = adapter.build_gpt_model(frozen_config(trainer.teacher_cfg),
+                                          params_dtype=teacher_dtype, init_weights=False,
+                                          **teacher_fields)
         load_weights(teacher, config.teacher)
     model, ddp_model = wrap_for_training(student, teacher, trainer.student_cfg,
                                          trainer.teacher_cfg, trainer.pairs,
                                          config.intermediate_loss, config.seed, ddp_fields)
     optimizer, scheduler = _optimizer(trainer, ddp_model, student_dtype, layout.dp)
+    # as Megatron-LM: the schedule scales the loss by the optimizer's loss scale and sets the
+    # MoE load-balancing loss's gradient scale from it at every micro-batch
+    model.config.grad_scale_func = optimizer.scale_loss
     if resume_dir and not finished:
         _restore(trainer, model, optimizer, scheduler, resume_dir, start_step)
     ddp_model.train()

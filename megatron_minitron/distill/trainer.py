@@ -12,6 +12,17 @@ micro-batches of the co-located :class:`DistillationModel`, then mcore's optimiz
 distributed optimizer when DP > 1) and a cosine learning-rate schedule with linear warm-up.
 Losses are token sums divided once by the global token count (mcore's per-token loss mode),
 so every layout optimises the same objective.
+
+Mixture-of-experts models run at any TP×PP×DP×EP (``ep``: experts split over EP of the data
+parallel ranks; mcore's DDP reduces expert gradients over the expert data parallel group). A
+MoE student's routers add mcore's load-balancing loss with the checkpoint's
+``moe_aux_loss_coeff``: mcore attaches it to the router output, so it enters the backward by
+itself, scaled as Megatron-LM scales it (the optimizer's loss scale; in the per-token mode each
+micro-batch's loss weighs 1/(micro-batches × DP)). Each step logs it as ``moe_aux_loss``
+beside ``loss`` (which holds the KD / CE / intermediate part only, as in validation). A MoE
+teacher runs forward-only, its routers without the loss. EP > 1 needs both models to be MoE
+(dense ones distill from and into MoE ones at EP = 1), and mcore trains a MoE student at
+TP > 1 only with sequence parallelism.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from megatron_minitron import parallel
 from megatron_minitron.checkpoint.io import read_checkpoint_info
 from megatron_minitron.config import ModelConfig
 from megatron_minitron.distill import state
-from megatron_minitron.distill.config import TrainConfig, check_run
+from megatron_minitron.distill.config import TrainConfig, check_models, check_run
 from megatron_minitron.distill.losses import LogitLossSpec, logits_loss
 from megatron_minitron.distill.model import LayerPair, check_pairs, parse_pairs
 from megatron_minitron.errors import UsageError
@@ -105,20 +116,7 @@ class Trainer:
     def _check_inputs(self) -> None:
         config, student, teacher = self.config, self.student_cfg, self.teacher_cfg
         check_run(config, parallel.world_size_from_env())
-        for name, cfg in (("student", student), ("teacher", teacher)):
-            if cfg is None:
-                continue
-            try:
-                cfg.check_layout(config.tp, config.pp)
-            except ValueError as err:
-                raise UsageError(f"the {name}: {err}") from None
-            if config.seq_length > cfg.max_position_embeddings:
-                raise UsageError(f"--seq-length {config.seq_length} exceeds the {name}'s "
-                                 f"max_position_embeddings {cfg.max_position_embeddings}")
-        if teacher is not None and teacher.vocab_size != student.vocab_size:
-            raise UsageError(f"teacher vocab_size {teacher.vocab_size} differs from the "
-                             f"student's {student.vocab_size}; distill only between models of "
-                             "one tokenizer")
+        check_models(config, student, teacher)
         if teacher is not None:
             check_tokenizers(config)
             check_pairs(self.pairs, teacher, student, config.pp)
@@ -140,20 +138,35 @@ class Trainer:
         return run_schedule(self.run_state.ddp_model, self.loss_spec, batches, forward_only)
 
     def train_step(self, batches) -> Dict[str, float]:
+        """One optimizer step over ``batches``; returns the step's report (the means of
+        :data:`REPORT_FIELDS`, ``lr``, ``grad_norm``, ``skipped`` and, for a MoE student with
+        a load-balancing loss, ``moe_aux_loss``: what its routers added to the objective
+        beside ``loss``)."""
+        from megatron_minitron import adapter
         from megatron_minitron.compat.cpu import cuda_to_cpu
 
         run = self.run_state
         run.ddp_model.zero_grad_buffer()
         run.optimizer.zero_grad()
+        adapter.clear_moe_aux_loss_record()
         lr = run.optimizer.param_groups[0]["lr"]
         sums = self.run_schedule(batches, forward_only=False)
+        aux = moe_aux_loss(self.student_cfg.moe_aux_loss_coeff, len(batches)) \
+            if self.student_aux_loss else None
         with cuda_to_cpu():
             ok, grad_norm, _ = run.optimizer.step()
         run.scheduler.step(increment=1)
         report = _means(sums)
         report.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
                       skipped=not ok)
+        if aux is not None:
+            report["moe_aux_loss"] = aux
         return report
+
+    @property
+    def student_aux_loss(self) -> bool:
+        """Whether the student's MoE routers add a load-balancing loss to its objective."""
+        return self.student_cfg.is_moe and self.student_cfg.moe_aux_loss_coeff > 0
 
     def evaluate(self) -> Optional[Dict[str, float]]:
         run = self.run_state
@@ -312,6 +325,30 @@ def run_schedule(ddp_model, loss_spec: LogitLossSpec, batches, forward_only: boo
     last = parallel.global_rank(pp_group, parallel.group_size(pp_group) - 1)
     parallel.broadcast(sums, src=last, group=pp_group)
     return sums
+
+
+def moe_aux_loss(coeff: float, num_microbatches: int) -> float:
+    """The load-balancing loss a MoE student's routers added to the step's objective (read
+    from mcore's record, which is then dropped; collective): ``coeff`` × the sum over MoE
+    layers of each layer's loss, averaged over the micro-batches and the data parallel ranks,
+    which is the gradient mcore's routers give it in the per-token loss mode. (Megatron-LM logs
+    the mean over MoE layers without ``coeff`` as ``load_balancing_loss``.)"""
+    from megatron_minitron import adapter
+
+    record = adapter.moe_aux_loss_record()
+    total = torch.zeros((), dtype=torch.float64, device=parallel.device())
+    if record is not None:  # every rank of a TP and DP group holds the same layers
+        values, sum_group, dp_average = record
+        total += values.detach().double().sum().to(total.device)
+        if sum_group is not None:
+            parallel.all_reduce(total, group=sum_group)
+        if dp_average:
+            dp_group = adapter.get_dp_group()
+            parallel.all_reduce(total, group=dp_group)
+            total /= parallel.group_size(dp_group)
+    parallel.all_reduce(total, group=adapter.get_pp_group())  # stages hold different layers
+    adapter.clear_moe_aux_loss_record()
+    return float(total) * coeff / num_microbatches
 
 
 def _means(sums: torch.Tensor) -> Dict[str, float]:
