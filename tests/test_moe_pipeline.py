@@ -70,6 +70,7 @@ def test_import_importance_prune_distill_export(tmp_path, tiny_tokenizer_dir, mo
     # a random teacher's pruned student starts close to it: the run is checked for its steps
     # and for having moved the weights, not for a falling loss
     assert len(log) == 6 and all(0 <= record["kd"] < 1 for record in log)
+    assert all(record["moe_aux_loss"] > 0 for record in log)  # router_aux_loss_coef 0.001
 
     exported = str(tmp_path / "exported")
     final = os.path.join(distilled, "final")
