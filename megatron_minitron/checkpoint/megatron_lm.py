@@ -5,7 +5,16 @@ Reading: every ``--load``/``--teacher``/``--student`` also accepts a Megatron-LM
 ``iter_NNNNNNN``/``release`` folders. The architecture comes from the ``args`` Megatron-LM saves
 in the common state (``common.pt``, or the ``common_state`` object of mcore >= 0.19), mapped onto
 :class:`ModelConfig`; anything we cannot build is refused in one line naming the arg. Only the
-model weights are read (under mcore's own keys), at any TP/PP.
+model weights are read (under mcore's own keys), at any TP/PP/EP.
+
+Mixture-of-experts models (``num_experts``) map onto our MoE fields: softmax top-k routers
+(``moe_router_pre_softmax`` either way), dropless, with an optional (gated) shared expert and
+any ``moe_layer_freq``. Experts saved by SequentialMLP, Transformer Engine's grouped GEMM or the
+legacy GroupedMLP all load (mcore stores them under the same keys); our SequentialMLP experts are
+saved under those keys with ``moe_grouped_gemm=False``. Training-only knobs (aux/z-loss types,
+input jitter, dispatcher, grouped GEMM, expert parallel sizes) do not change the weights or the
+forward and are accepted; sigmoid or scaled or biased or group-limited routing, token dropping,
+latent or interleaved-GLU experts are refused before any weight is read.
 
 Writing (``--output-format megatron``)::
 
@@ -21,10 +30,12 @@ Megatron-LM loads it with ``pretrain_gpt.py --load OUT --finetune`` (architectur
 from __future__ import annotations
 
 import argparse
+import ast
 import io as _io
 import os
+import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -42,7 +53,6 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 # Megatron-LM args that change the network in ways our models do not build; refused when set.
 _REFUSED = {
-    "num_experts": "mixture-of-experts models are not supported yet",
     "qk_l2_norm": "query/key L2 norms are not supported",
     "rotary_interleaved": "only the default (non-interleaved) RoPE layout is supported",
     "multi_latent_attention": "multi-latent attention is not supported",
@@ -60,8 +70,198 @@ _REFUSED = {
 }
 
 
+# Mixture-of-experts args (read when num_experts is set) that change the forward or the stored
+# weights in ways our models (softmax top-k router, SequentialMLP experts) do not build:
+# name -> (the values we build, what it is, the fix).
+_MOE_REFUSED = {
+    "moe_router_score_function": (("softmax", None), "sigmoid router scores are not supported",
+                                  "only softmax routers load"),
+    "moe_router_topk_scaling_factor": ((None, 1, 1.0), "scaled top-k router weights are not "
+                                       "supported", "only unscaled routers (None) load"),
+    "moe_router_enable_expert_bias": ((None, False), "expert-bias (aux-loss-free) routing is "
+                                      "not supported", "only routers without expert bias load"),
+    "moe_router_num_groups": ((None, 0, 1), "group-limited routing is not supported",
+                              "only ungrouped routers load"),
+    "moe_router_group_topk": ((None, 0), "group-limited routing is not supported",
+                              "only ungrouped routers load"),
+    "moe_router_topk_limited_devices": ((None, 0), "device-limited routing is not supported",
+                                        "only unlimited routers load"),
+    "moe_router_force_load_balancing": ((None, False), "forced (random) routing is a "
+                                        "benchmarking mode", "load a checkpoint trained without "
+                                        "it"),
+    "moe_router_force_biased": ((None, 0, 0.0), "random router biases are a benchmarking mode",
+                                "load a checkpoint trained without them"),
+    "moe_expert_capacity_factor": ((None,), "token dropping (an expert capacity) changes the "
+                                   "forward", "only dropless models load"),
+    "moe_expert_rank_capacity_factor": ((None,), "token dropping (a per-rank capacity) changes "
+                                        "the forward", "only dropless models load"),
+    "moe_pad_expert_input_to_capacity": ((None, False), "padding experts to a capacity needs "
+                                         "token dropping", "only dropless models load"),
+    "moe_apply_probs_on_input": ((None, False), "router weights applied to the expert input "
+                                 "are not supported", "only weights applied to the expert "
+                                 "output load"),
+    "moe_latent_size": ((None, 0), "latent MoE projections are not supported",
+                        "only experts on the hidden size load"),
+    "moe_mlp_glu_interleave_size": ((None, 0), "block-interleaved expert GLU weights are not "
+                                    "supported", "only [gate; up] expert weights load"),
+    "moe_shared_expert_glu_interleave_size": ((None, 0), "block-interleaved shared-expert GLU "
+                                              "weights are not supported", "only [gate; up] "
+                                              "shared-expert weights load"),
+}
+
+_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+"""Load-balancing losses that leave the forward as it is (training losses only). We train with
+mcore's ``aux_loss`` at the saved coefficient; ``sinkhorn`` changes the routing and is refused."""
+
+# Stored expert keys that mcore's SequentialMLP does not request: per-expert keys (mcore's
+# ``singleton_local_shards`` layout), unmapped grouped-GEMM tensors, raw module names.
+_UNMAPPED_EXPERT_KEY = re.compile(
+    r"\.experts\.(?:experts\.)?\d+\.|\.experts\.local_experts\.|\.experts\.weight[12]\b"
+    r"|\.experts\.(?:experts\.)?linear_fc[12]\.(?:weight|bias)\d+$")
+
+
 def _where(path: str) -> str:
     return f"--load {path}"
+
+
+# ---------------------------------------------------------------- mixture of experts
+
+
+_FREQ_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Mult, ast.List, ast.Tuple, ast.Constant,
+               ast.Load)
+
+
+def parse_moe_layer_freq(value, where: str = "") -> Union[int, List[int]]:
+    """Megatron-LM's ``moe_layer_freq``: an int k (layers 0, k, 2k, ... are MoE), a 0/1 list
+    per layer, or the pattern string its CLI takes (``"([1]*3+[0]*1)*2"``, ``"[1,0,1]"``,
+    ``"2"``); pattern strings are evaluated as list/int arithmetic only."""
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            tree = ast.parse(text, mode="eval")
+            if not all(isinstance(node, _FREQ_NODES) for node in ast.walk(tree)) or not all(
+                    isinstance(node.value, int) and 0 <= node.value <= 1 << 16
+                    for node in ast.walk(tree) if isinstance(node, ast.Constant)):
+                raise ValueError(text)
+            result = eval(compile(tree, "<moe_layer_freq>", "eval"), {"__builtins__": {}})
+            return parse_moe_layer_freq(list(result) if isinstance(result, tuple) else result,
+                                        where)
+        except (SyntaxError, ValueError, TypeError):
+            pass
+    raise UsageError(f"{where}: Megatron-LM arg moe_layer_freq={value!r} is not an int, a 0/1 "
+                     "list or a pattern like '([1]*3+[0]*1)*2'; fix the saved args")
+
+
+def _load_balancing(args, where: str) -> tuple:
+    """``(moe_aux_loss_coeff, loss type)`` from Megatron-LM's load-balancing args (a type and a
+    coefficient, or lists of both)."""
+    types = _arg(args, "moe_router_load_balancing_type", "aux_loss")
+    coeffs = _arg(args, "moe_aux_loss_coeff", 0.0)
+    types = list(types) if isinstance(types, (list, tuple)) else [types]
+    coeffs = list(coeffs) if isinstance(coeffs, (list, tuple)) else [coeffs] * len(types)
+    active = []
+    for kind, coeff in zip(types, coeffs):
+        if kind == "sinkhorn":
+            raise UsageError(f"{where}: Megatron-LM arg moe_router_load_balancing_type="
+                             f"{kind!r} is not supported (Sinkhorn routing changes the "
+                             "forward); only aux_loss, seq_aux_loss, global_aux_loss or none "
+                             "load")
+        if kind not in _LOAD_BALANCING:
+            raise UsageError(f"{where}: Megatron-LM arg moe_router_load_balancing_type="
+                             f"{kind!r} is not supported; only aux_loss, seq_aux_loss, "
+                             "global_aux_loss or none load")
+        if kind != "none" and float(coeff or 0.0) != 0.0:
+            active.append((float(coeff), kind))
+    if len(active) > 1:
+        raise UsageError(f"{where}: Megatron-LM args moe_router_load_balancing_type={types!r} "
+                         "combine load-balancing losses, which is not supported; keep one")
+    return active[0] if active else (0.0, "none")
+
+
+def moe_fields(args, where: str) -> Dict[str, Any]:
+    """ModelConfig fields of a Megatron-LM mixture-of-experts model (none for a dense one);
+    one-line UsageError for what we do not build."""
+    experts = getattr(args, "num_experts", None)
+    if experts in (None, 0):
+        return {}
+    for name, (built, reason, fix) in _MOE_REFUSED.items():
+        value = getattr(args, name, None)
+        if value not in built:
+            raise UsageError(f"{where}: Megatron-LM arg {name}={value!r} is not supported "
+                             f"({reason}); {fix}")
+    coeff, kind = _load_balancing(args, where)
+    fields = dict(
+        num_moe_experts=int(experts),
+        moe_router_topk=int(_arg(args, "moe_router_topk", 2)),
+        moe_ffn_hidden_size=_arg(args, "moe_ffn_hidden_size", None),
+        moe_shared_expert_intermediate_size=_arg(args, "moe_shared_expert_intermediate_size",
+                                                 None),
+        moe_shared_expert_gate=bool(getattr(args, "moe_shared_expert_gate", False)),
+        moe_layer_freq=parse_moe_layer_freq(_arg(args, "moe_layer_freq", 1), where),
+        moe_router_pre_softmax=bool(getattr(args, "moe_router_pre_softmax", False)),
+        moe_aux_loss_coeff=coeff,
+    )
+    if kind not in ("aux_loss", "none"):  # provenance: we train with mcore's aux_loss
+        fields["extra"] = {"moe_router_load_balancing_type": kind}
+    return fields
+
+
+def check_expert_keys(keys, path: str) -> None:
+    """Refuses, in one line, stored expert tensors mcore's SequentialMLP experts cannot load.
+
+    mcore saves every expert implementation under one set of keys (``...mlp.experts.experts.
+    linear_fc1.weight`` [.., experts, out, in]): SequentialMLP, Transformer Engine's grouped
+    GEMM (``TEGroupedMLP``, ``weight{e}`` parameters) and the legacy ``GroupedMLP``
+    (``weight1``/``weight2``, transposed on save) alike, which is how Megatron-LM writes them.
+    Other layouts (per-expert keys of mcore's ``singleton_local_shards``, raw module names)
+    are refused."""
+    for key in keys:
+        if _UNMAPPED_EXPERT_KEY.search(key):
+            raise UsageError(f"{_where(path)}: stored expert tensor {key!r} is not in mcore's "
+                             "common expert layout (...mlp.experts.experts.linear_fc1.weight); "
+                             "re-save it with Megatron-LM's torch_dist format "
+                             "(singleton_local_shards off)")
+
+
+def moe_args(cfg: ModelConfig) -> Dict[str, Any]:
+    """Megatron-LM's mixture-of-experts args for ``cfg`` (num_experts=None for a dense one):
+    SequentialMLP experts, softmax top-k routing, dropless."""
+    dense = not cfg.is_moe
+    return dict(
+        num_experts=None if dense else cfg.num_moe_experts,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_ffn_hidden_size=None if dense else cfg.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=None if dense else
+        cfg.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=cfg.moe_shared_expert_gate and not dense,
+        moe_shared_expert_overlap=False,
+        moe_layer_freq=list(cfg.moe_layer_freq) if isinstance(cfg.moe_layer_freq, list)
+        else cfg.moe_layer_freq,
+        moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+        moe_router_score_function="softmax",
+        moe_router_topk_scaling_factor=None,
+        moe_router_enable_expert_bias=False,
+        moe_router_num_groups=None,
+        moe_router_group_topk=None,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff else "none",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_z_loss_coeff=None,
+        moe_input_jitter_eps=None,
+        moe_expert_capacity_factor=None,
+        moe_pad_expert_input_to_capacity=False,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_use_legacy_grouped_gemm=False,
+        moe_apply_probs_on_input=False,
+        moe_latent_size=None,
+    )
 
 
 # ---------------------------------------------------------------- locating
@@ -185,6 +385,8 @@ def config_from_args(args, vocab_size: int, path: str) -> ModelConfig:
     heads = args.num_attention_heads
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
     add_bias = _arg(args, "add_bias_linear", not getattr(args, "disable_bias_linear", False))
+    moe = moe_fields(args, where)
+    extra = dict(moe.pop("extra", {}), source_format="megatron_lm")
     try:
         return ModelConfig(
             num_layers=args.num_layers,
@@ -211,7 +413,8 @@ def config_from_args(args, vocab_size: int, path: str) -> ModelConfig:
             seq_len_interpolation_factor=getattr(args, "rotary_seq_len_interpolation_factor",
                                                  None),
             init_method_std=float(_arg(args, "init_method_std", 0.02)),
-            extra={"source_format": "megatron_lm"},
+            extra=extra,
+            **moe,
         )
     except (ValueError, TypeError, AttributeError) as err:
         raise UsageError(f"{where}: the saved Megatron-LM args do not describe a model we can "
@@ -255,6 +458,8 @@ def checkpoint_info(folder: str, path: str) -> Dict[str, Any]:
         raise UsageError(f"{_where(path)}: the Megatron-LM checkpoint holds no "
                          "embedding.word_embeddings.weight and no padded_vocab_size")
     cfg = config_from_args(args, vocab, path)
+    if cfg.is_moe:
+        check_expert_keys(shapes, path)
     meta = {"megatron_lm": {"folder": os.path.abspath(folder),
                             "iteration": common.get("iteration"),
                             "checkpoint_version": common.get("checkpoint_version"),
@@ -284,8 +489,9 @@ def megatron_args(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                   tokenizer: Optional[str] = None) -> argparse.Namespace:
     """The ``args`` Megatron-LM saves, for ``cfg``: every field its ``--use-checkpoint-args``
     reads (megatron/training/checkpointing.py ``load_args_from_checkpoint``) and the ones its
-    model builder needs."""
+    model builder needs (for a mixture-of-experts model, :func:`moe_args`)."""
     return argparse.Namespace(
+        **moe_args(cfg),
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
@@ -322,7 +528,6 @@ def megatron_args(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
         make_vocab_size_divisible_by=1,
         tokenizer_type="HuggingFaceTokenizer" if tokenizer else None,
         tokenizer_model=tokenizer,
-        num_experts=None,
         mtp_num_layers=None,
         spec=None,
         ckpt_format="torch_dist",
@@ -334,6 +539,7 @@ def megatron_args(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
         virtual_pipeline_model_parallel_size=None,
         num_layers_per_virtual_pipeline_stage=None,
         expert_model_parallel_size=1,
+        expert_tensor_parallel_size=1,
         consumed_train_samples=0,
         skipped_train_samples=0,
         consumed_valid_samples=0,
