@@ -358,7 +358,7 @@ def config_from_args(args, vocab_size: int, path: str) -> ModelConfig:
         value = getattr(args, name, None)
         if value not in (None, False, 0, "", [], ()):
             raise UsageError(f"{where}: Megatron-LM arg {name}={value!r} is not supported "
-                             f"({reason})")
+                             f"({reason}); only checkpoints without {name} load")
     position = getattr(args, "position_embedding_type", None) or (
         "rope" if getattr(args, "use_rotary_position_embeddings", False) else "learned_absolute")
     if position != "rope":
@@ -418,7 +418,7 @@ def config_from_args(args, vocab_size: int, path: str) -> ModelConfig:
         )
     except (ValueError, TypeError, AttributeError) as err:
         raise UsageError(f"{where}: the saved Megatron-LM args do not describe a model we can "
-                         f"build ({err})") from None
+                         f"build ({err}); fix the saved args") from None
 
 
 def tokenizer_model(args) -> Optional[str]:
