@@ -360,3 +360,40 @@ def test_legacy_grouped_gemm_experts_load(saved, tmp_path):
     save_dir = str(tmp_path / "grouped")
     spawn(_legacy_grouped_gemm_save, 1, ours, save_dir)
     _compare([save_dir], expected, 1, 1)
+
+
+def _save_all_moe(save_dir, saved_freq, args_freq, expected):
+    """An all-MoE stack saved with one ``moe_layer_freq`` form (its key layout: int 1 stacks
+    the layers, a list keys them one by one) under args holding the other form."""
+    from megatron_minitron import adapter, parallel
+    from megatron_minitron.model.forward import full_logits
+    from megatron_minitron.testing.models import spread_weights
+
+    cfg = _config(num_layers=2, moe_layer_freq=saved_freq)
+    with parallel.parallel_context(1, 1, seed=5):
+        model = adapter.build_gpt_model(cfg)
+        spread_weights(model, cfg)
+        model.eval()
+        with torch.no_grad():
+            torch.save(full_logits(model, TOKENS, 2), expected)
+        _save_megatron_lm(save_dir, model, moe_args(num_layers=2, moe_layer_freq=args_freq))
+
+
+@pytest.mark.parametrize("saved_freq,args_freq", [([1, 1], 1), (1, [1, 1])],
+                         ids=["per_layer_keys", "stacked_keys"])
+def test_all_moe_stacks_load_whichever_key_layout(tmp_path, saved_freq, args_freq):
+    from megatron_minitron.checkpoint import io, megatron_lm
+
+    save_dir, expected = str(tmp_path / "save"), str(tmp_path / "logits.pt")
+    spawn(_save_all_moe, 1, save_dir, saved_freq, args_freq, expected)
+    keys = megatron_lm.stored_shapes(os.path.join(save_dir, ITERATION))
+    assert ("decoder.layers.0.mlp.router.weight" in keys) == isinstance(saved_freq, list)
+    assert io.load_config(save_dir).moe_layer_freq == saved_freq
+    _compare([save_dir], expected, 1, 1)
+
+
+def test_streamed_megatron_output_of_moe_models_is_refused(tmp_path):
+    from megatron_minitron.checkpoint import megatron_lm
+
+    with pytest.raises(UsageError, match="--output-format minitron"):
+        megatron_lm.write_streaming([], _config(), str(tmp_path / "out"))

@@ -229,6 +229,30 @@ def check_expert_keys(keys, path: str) -> None:
                              "(singleton_local_shards off)")
 
 
+_PER_LAYER_KEY = re.compile(r"^decoder\.layers\.\d+\.")
+
+
+def match_layer_layout(cfg: ModelConfig, keys) -> ModelConfig:
+    """``cfg`` with ``moe_layer_freq`` in the form whose checkpoint keys ``keys`` holds.
+
+    mcore stores a block's layers stacked (``decoder.layers.<name>`` [L, ...]) when
+    ``moe_layer_freq`` is the int 1 and one per layer (``decoder.layers.<i>.<name>``) when it is
+    a list (or a mixed stack, or a run saved with ``non_homogeneous_layers``). An all-MoE stack
+    is the same network either way; the form follows the stored keys so the load finds them.
+    """
+    if not cfg.is_moe or not cfg.moe_layers() or not all(cfg.moe_layers()):
+        return cfg
+    layered = [key for key in keys if key.startswith("decoder.layers.")]
+    if not layered:
+        return cfg
+    per_layer = all(_PER_LAYER_KEY.match(key) for key in layered)
+    if per_layer and cfg.moe_layer_freq == 1:
+        return cfg.replace(moe_layer_freq=[1] * cfg.num_layers)
+    if not per_layer and isinstance(cfg.moe_layer_freq, list):
+        return cfg.replace(moe_layer_freq=1)
+    return cfg
+
+
 def moe_args(cfg: ModelConfig) -> Dict[str, Any]:
     """Megatron-LM's mixture-of-experts args for ``cfg`` (num_experts=None for a dense one):
     SequentialMLP experts, softmax top-k routing, dropless."""
@@ -460,6 +484,7 @@ def checkpoint_info(folder: str, path: str) -> Dict[str, Any]:
     cfg = config_from_args(args, vocab, path)
     if cfg.is_moe:
         check_expert_keys(shapes, path)
+        cfg = match_layer_layout(cfg, shapes)
     meta = {"megatron_lm": {"folder": os.path.abspath(folder),
                             "iteration": common.get("iteration"),
                             "checkpoint_version": common.get("checkpoint_version"),
@@ -609,6 +634,9 @@ def write_streaming(specs, cfg: ModelConfig, path: str, meta: Optional[Dict] = N
     from megatron_minitron import adapter
     from megatron_minitron.checkpoint import io, stream
 
+    if cfg.is_moe:  # adapter.extra_state_keys and the stacked-layer streams are dense-only
+        raise UsageError("--output-format megatron: streamed writing of mixture-of-experts "
+                         "models is not supported yet; write --output-format minitron")
     path = os.path.abspath(path)
     io.check_output_path(path)
     stream.return_freed_memory_promptly()
