@@ -194,9 +194,37 @@ def test_output_format_megatron_round_trips(saved, tmp_path):
             args.moe_layer_freq, args.moe_grouped_gemm) == (6, 2, 32, 48, True, [1, 0, 1, 1],
                                                             False)
     assert megatron_lm.config_from_args(args, 256, out).replace(extra={}) == _config()
+    keys = megatron_lm.stored_shapes(folder)  # each MoE layer's pre-MLP norm under both names
+    assert {"decoder.layers.0.pre_mlp_layernorm.weight",
+            "decoder.layers.0.mlp.linear_fc1.layer_norm_weight"} <= set(keys)
+    assert "decoder.layers.1.pre_mlp_layernorm.weight" not in keys  # dense: fused under TE too
     os.remove(os.path.join(folder, "minitron_config.json"))  # read as Megatron-LM's own
     assert io.load_config(out).replace(extra={}) == _config()
     _compare([out], expected, 1, 1)
+    for spec in (te_keyed_spec, None):  # Megatron-LM's TE spec or its local one loads it
+        torch.testing.assert_close(_mcore_load_logits(folder, spec), torch.load(expected),
+                                   rtol=0, atol=1e-5)
+
+
+def _mcore_load_logits(folder, spec):
+    """Logits of a model loaded by mcore alone, as Megatron-LM's --finetune loads (unexpected
+    keys ignored), built with ``spec`` (None: mcore's local spec)."""
+    import contextlib
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_minitron import adapter, parallel
+    from megatron_minitron.model.forward import full_logits
+
+    with parallel.parallel_context(1, 1):
+        with adapter.use_layer_spec(spec) if spec else contextlib.nullcontext():
+            model = adapter.build_gpt_model(_config())
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, folder,
+                                         strict="assume_ok_unexpected")
+        model.load_state_dict(loaded["model"], strict=True)
+        model.eval()
+        with torch.no_grad():
+            return full_logits(model, TOKENS, 2)
 
 
 @pytest.mark.parametrize("changes", [
@@ -397,3 +425,17 @@ def test_streamed_megatron_output_of_moe_models_is_refused(tmp_path):
 
     with pytest.raises(UsageError, match="--output-format minitron"):
         megatron_lm.write_streaming([], _config(), str(tmp_path / "out"))
+
+
+def test_stacked_moe_layers_write_te_norm_keys_too():
+    from megatron_minitron import adapter, parallel
+    from megatron_minitron.checkpoint import megatron_lm
+
+    cfg = _config(num_layers=2, moe_layer_freq=1)
+    with parallel.parallel_context(1, 1):
+        sharded = megatron_lm.with_te_norm_keys(
+            adapter.build_gpt_model(cfg).sharded_state_dict(), cfg)
+    keys = {value.key: value for value in sharded.values() if hasattr(value, "key")}
+    te, local = (keys["decoder.layers.pre_mlp_layernorm.weight"],
+                 keys["decoder.layers.mlp.linear_fc1.layer_norm_weight"])
+    assert te.data is local.data and te.global_shape == local.global_shape == (2, 64)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import io as _io
 import os
 import re
@@ -599,6 +600,35 @@ def _finish(tmp: str, path: str, cfg: ModelConfig, meta: Optional[Dict],
     io.replace_directory(tmp, path)
 
 
+_FUSED_PRE_MLP_NORM = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?mlp\.linear_fc1\.layer_norm_"
+                                 r"(weight|bias)$")
+
+
+def with_te_norm_keys(sharded: Dict, cfg: ModelConfig) -> Dict:
+    """``sharded`` plus each MoE layer's pre-MLP norm under Transformer Engine's key too.
+
+    mcore's local spec stores that norm as ``...mlp.linear_fc1.layer_norm_weight`` (the name TE
+    gives the norm it fuses into a dense MLP's fc1); TE's MoE layers keep a separate
+    ``...pre_mlp_layernorm.weight``. Writing both (a vector per layer) lets Megatron-LM load the
+    checkpoint under either ``--transformer-impl``; readers ignore the key they do not ask for.
+    """
+    if not cfg.is_moe:
+        return sharded
+    moe_layers = cfg.moe_layers()
+    aliases = {}
+    for name, value in sharded.items():
+        found = _FUSED_PRE_MLP_NORM.match(getattr(value, "key", None) or "")
+        if found is None or not hasattr(value, "data"):
+            continue
+        layer, param = found.groups()
+        if layer is not None and not moe_layers[int(layer)]:
+            continue  # a dense layer: TE fuses its norm into fc1 under this very key
+        prefix = "decoder.layers." + (f"{layer}." if layer is not None else "")
+        aliases[f"{name}@te"] = dataclasses.replace(value, key=f"{prefix}pre_mlp_layernorm."
+                                                              f"{param}")
+    return dict(sharded, **aliases)
+
+
 def save_checkpoint(model, cfg: ModelConfig, path: str, meta: Optional[Dict] = None,
                     tokenizer_from: Optional[str] = None) -> None:
     """Saves this rank's shards of ``model`` (collective) as a Megatron-LM checkpoint at
@@ -618,7 +648,7 @@ def save_checkpoint(model, cfg: ModelConfig, path: str, meta: Optional[Dict] = N
     parallel.barrier()
     dtype = next(model.parameters()).dtype
     state = dict(common_state(cfg, dtype, _tokenizer_target(path, tokenizer_from)),
-                 model=adapter.megatron_lm_sharded_state_dict(model))
+                 model=with_te_norm_keys(adapter.megatron_lm_sharded_state_dict(model), cfg))
     dist_checkpointing.save(state, os.path.join(tmp, RELEASE))
     parallel.barrier()
     if parallel.is_rank0():
