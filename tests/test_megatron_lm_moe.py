@@ -1,7 +1,8 @@
 """Megatron-LM mixture-of-experts checkpoints: the saved args map onto our MoE config and back,
-weights saved at EP=1 and EP=2 (Transformer Engine's key layout, grouped-GEMM experts) load
-with the same logits at TP=1 and TP=2 x EP=2, and what we do not build is refused before any
-weight is read."""
+weights saved at TP=1 x EP=1, TP=1 x EP=2 and TP=2 x EP=2 (Transformer Engine's key layout) or
+by legacy grouped-GEMM experts load with the same logits at TP=1 and TP=2 x EP=2, our
+--output-format megatron loads in mcore under either spec, and what we do not build is refused
+before any weight is read."""
 
 import argparse
 import os
@@ -90,17 +91,19 @@ def _save_megatron_lm(folder_root, model, args):
     parallel.barrier()
 
 
-def _save_like_megatron_lm(ours, save_dir, ep):
-    """Our checkpoint's weights saved at EP=``ep`` under Megatron-LM's TE key layout."""
+def _save_like_megatron_lm(ours, save_dir, tp, ep):
+    """Our checkpoint's weights saved at TP=``tp``, EP=``ep`` under Megatron-LM's TE key
+    layout."""
     from megatron_minitron import adapter, parallel
     from megatron_minitron.checkpoint import io
 
-    with parallel.parallel_context(1, 1, ep=ep):
+    with parallel.parallel_context(tp, 1, ep=ep):
         model, cfg = io.load_checkpoint(ours)
         with adapter.use_layer_spec(te_keyed_spec):
             theirs = adapter.build_gpt_model(cfg, init_weights=False)
         theirs.load_state_dict(model.state_dict())
-        _save_megatron_lm(save_dir, theirs, moe_args(expert_model_parallel_size=ep))
+        _save_megatron_lm(save_dir, theirs, moe_args(tensor_model_parallel_size=tp,
+                                                     expert_model_parallel_size=ep))
 
 
 def _logits(path):
@@ -124,7 +127,7 @@ def _compare(paths, expected, tp, ep):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """(our checkpoint, its logits file, {ep: Megatron-LM save directory})."""
+    """(our checkpoint, its logits file, {(tp, ep): Megatron-LM save directory})."""
     from megatron_minitron import adapter, parallel
     from megatron_minitron.checkpoint import io
     from megatron_minitron.model.forward import full_logits
@@ -142,9 +145,10 @@ def saved(tmp_path_factory):
             logits = full_logits(model, TOKENS, 2)
         assert logits.std() > 0.5
         torch.save(logits, expected)
-    saves = {ep: str(root / f"megatron_lm_ep{ep}") for ep in (1, 2)}
-    for ep, save_dir in saves.items():
-        spawn(_save_like_megatron_lm, ep, ours, save_dir, ep)
+    saves = {(tp, ep): str(root / f"megatron_lm_tp{tp}ep{ep}")
+             for tp, ep in ((1, 1), (1, 2), (2, 2))}
+    for (tp, ep), save_dir in saves.items():
+        spawn(_save_like_megatron_lm, tp * ep, ours, save_dir, tp, ep)
     return ours, expected, saves
 
 
@@ -162,12 +166,12 @@ def test_config_comes_from_the_saved_moe_args(saved):
         assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in keys
 
 
-def test_saved_at_ep1_and_ep2_load_at_tp1(saved):
+def test_saved_at_every_layout_loads_at_tp1(saved):
     _, expected, saves = saved
     _compare(list(saves.values()), expected, 1, 1)
 
 
-def test_saved_at_ep1_and_ep2_load_at_tp2_ep2(saved):
+def test_saved_at_every_layout_loads_at_tp2_ep2(saved):
     _, expected, saves = saved
     spawn(_compare, 4, list(saves.values()), expected, 2, 2)
 
@@ -176,7 +180,7 @@ def _save_ours_as_megatron(ours, out):
     from megatron_minitron import parallel
     from megatron_minitron.checkpoint import io, megatron_lm
 
-    with parallel.parallel_context(1, 1, ep=2):
+    with parallel.parallel_context(2, 1, ep=2):  # experts split over EP and TP
         model, cfg = io.load_checkpoint(ours)
         megatron_lm.save_checkpoint(model, cfg, out)
 
@@ -186,7 +190,7 @@ def test_output_format_megatron_round_trips(saved, tmp_path):
 
     ours, expected, _ = saved
     out = str(tmp_path / "megatron")
-    spawn(_save_ours_as_megatron, 2, ours, out)
+    spawn(_save_ours_as_megatron, 4, ours, out)
     folder = megatron_lm.resolve(out)
     args = megatron_lm.read_common(folder)["args"]
     assert (args.num_experts, args.moe_router_topk, args.moe_ffn_hidden_size,
@@ -303,9 +307,9 @@ def test_unsupported_moe_args_are_refused_before_any_weight_is_read(
     _, _, saves = saved
     bad = tmp_path / "bad"
     bad.mkdir()
-    os.symlink(os.path.join(saves[2], ITERATION), bad / ITERATION)
+    os.symlink(os.path.join(saves[1, 2], ITERATION), bad / ITERATION)
     (bad / "latest_checkpointed_iteration.txt").write_text("50")
-    common = dict(megatron_lm.read_common(os.path.join(saves[2], ITERATION)),
+    common = dict(megatron_lm.read_common(os.path.join(saves[1, 2], ITERATION)),
                   args=moe_args(**changes))
     monkeypatch.setattr(megatron_lm, "read_common", lambda folder: common)
 
@@ -331,7 +335,7 @@ def test_expert_keys_outside_mcores_layout_are_refused(saved, monkeypatch):
         monkeypatch.setattr(megatron_lm, "stored_shapes",
                             lambda folder, key=key: dict(real(folder), **{key: (1,)}))
         with pytest.raises(UsageError, match="re-save it with Megatron-LM") as err:
-            io.load_config(saves[1])
+            io.load_config(saves[1, 1])
         assert key in str(err.value) and "\n" not in str(err.value)
 
 
