@@ -263,6 +263,15 @@ def test_moe_layer_freq_forms(freq, expected):
         [i % expected == 0 for i in range(8)]
 
 
+@pytest.mark.parametrize("text", ['__import__("os")', "[1]*65536*65536", "[1.5]", "[[1]]",
+                                  "[1]+2", "True", "[1]*-1"])
+def test_moe_layer_freq_patterns_are_read_not_run(text):
+    from megatron_minitron.checkpoint import megatron_lm
+
+    with pytest.raises(UsageError, match="moe_layer_freq=.*; fix the saved args"):
+        megatron_lm.parse_moe_layer_freq(text, "S")
+
+
 @pytest.mark.parametrize("types,coeffs,coeff,recorded", [
     ("seq_aux_loss", 1e-2, 1e-2, "seq_aux_loss"),
     ("global_aux_loss", 1e-2, 1e-2, "global_aux_loss"),

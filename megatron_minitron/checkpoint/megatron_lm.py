@@ -128,14 +128,45 @@ def _where(path: str) -> str:
 # ---------------------------------------------------------------- mixture of experts
 
 
-_FREQ_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Mult, ast.List, ast.Tuple, ast.Constant,
-               ast.Load)
+_FREQ_MAX = 1 << 16  # longest pattern (and largest int) a moe_layer_freq string may spell
+
+
+def _freq_value(node):
+    """The int or list of ints an ``ast`` node of a moe_layer_freq pattern spells: ints, lists,
+    tuples, ``+`` and ``*`` only (ValueError for anything else or anything oversized)."""
+    if isinstance(node, ast.Expression):
+        return _freq_value(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) is int and \
+            0 <= node.value <= _FREQ_MAX:
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_freq_value(item) for item in node.elts]
+        if all(isinstance(item, int) for item in items):
+            return items
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _freq_value(node.left), _freq_value(node.right)
+        if isinstance(node.op, ast.Add) and type(left) is type(right):
+            result = left + right
+        elif isinstance(node.op, ast.Mult) and not (isinstance(left, list) and
+                                                     isinstance(right, list)):
+            length = [len(v) for v in (left, right) if isinstance(v, list)]
+            if length and length[0] * min(v for v in (left, right) if isinstance(v, int)) \
+                    > _FREQ_MAX:
+                raise ValueError("pattern too long")
+            result = left * right
+        else:
+            raise ValueError("unsupported operands")
+        if isinstance(result, int) and result > _FREQ_MAX or \
+                isinstance(result, list) and len(result) > _FREQ_MAX:
+            raise ValueError("pattern too long")
+        return result
+    raise ValueError(f"unsupported {type(node).__name__}")
 
 
 def parse_moe_layer_freq(value, where: str = "") -> Union[int, List[int]]:
     """Megatron-LM's ``moe_layer_freq``: an int k (layers 0, k, 2k, ... are MoE), a 0/1 list
     per layer, or the pattern string its CLI takes (``"([1]*3+[0]*1)*2"``, ``"[1,0,1]"``,
-    ``"2"``); pattern strings are evaluated as list/int arithmetic only."""
+    ``"2"``); pattern strings are read as int/list arithmetic (``+``, ``*``) only."""
     if isinstance(value, bool):
         value = int(value)
     if isinstance(value, int):
@@ -143,17 +174,9 @@ def parse_moe_layer_freq(value, where: str = "") -> Union[int, List[int]]:
     if isinstance(value, (list, tuple)):
         return [int(v) for v in value]
     if isinstance(value, str):
-        text = value.strip()
         try:
-            tree = ast.parse(text, mode="eval")
-            if not all(isinstance(node, _FREQ_NODES) for node in ast.walk(tree)) or not all(
-                    isinstance(node.value, int) and 0 <= node.value <= 1 << 16
-                    for node in ast.walk(tree) if isinstance(node, ast.Constant)):
-                raise ValueError(text)
-            result = eval(compile(tree, "<moe_layer_freq>", "eval"), {"__builtins__": {}})
-            return parse_moe_layer_freq(list(result) if isinstance(result, tuple) else result,
-                                        where)
-        except (SyntaxError, ValueError, TypeError):
+            return _freq_value(ast.parse(value.strip(), mode="eval"))
+        except (SyntaxError, ValueError, TypeError, RecursionError):
             pass
     raise UsageError(f"{where}: Megatron-LM arg moe_layer_freq={value!r} is not an int, a 0/1 "
                      "list or a pattern like '([1]*3+[0]*1)*2'; fix the saved args")
