@@ -440,14 +440,19 @@ def test_streamed_megatron_output_of_moe_models_is_refused(tmp_path):
         megatron_lm.write_streaming([], _config(), str(tmp_path / "out"))
 
 
-def test_stacked_moe_layers_write_te_norm_keys_too():
+@pytest.mark.parametrize("spec", [None, "te"], ids=["local_spec", "te_keys"])
+def test_moe_pre_mlp_norms_are_written_under_both_names(spec):
+    """Stacked (all-MoE) layers; the model built under either spec."""
+    import contextlib
+
     from megatron_minitron import adapter, parallel
     from megatron_minitron.checkpoint import megatron_lm
 
     cfg = _config(num_layers=2, moe_layer_freq=1)
     with parallel.parallel_context(1, 1):
-        sharded = megatron_lm.with_te_norm_keys(
-            adapter.build_gpt_model(cfg).sharded_state_dict(), cfg)
+        with adapter.use_layer_spec(te_keyed_spec) if spec else contextlib.nullcontext():
+            model = adapter.build_gpt_model(cfg)
+        sharded = megatron_lm.with_te_norm_keys(model.sharded_state_dict(), cfg)
     keys = {value.key: value for value in sharded.values() if hasattr(value, "key")}
     te, local = (keys["decoder.layers.pre_mlp_layernorm.weight"],
                  keys["decoder.layers.mlp.linear_fc1.layer_norm_weight"])

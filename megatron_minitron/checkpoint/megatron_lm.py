@@ -623,32 +623,35 @@ def _finish(tmp: str, path: str, cfg: ModelConfig, meta: Optional[Dict],
     io.replace_directory(tmp, path)
 
 
-_FUSED_PRE_MLP_NORM = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?mlp\.linear_fc1\.layer_norm_"
-                                 r"(weight|bias)$")
+_PRE_MLP_NORM = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(mlp\.linear_fc1\.layer_norm_|"
+                           r"pre_mlp_layernorm\.)(weight|bias)$")
+_PRE_MLP_NORM_NAMES = {"mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+                       "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
 def with_te_norm_keys(sharded: Dict, cfg: ModelConfig) -> Dict:
-    """``sharded`` plus each MoE layer's pre-MLP norm under Transformer Engine's key too.
+    """``sharded`` plus each MoE layer's pre-MLP norm under both of mcore's names for it.
 
-    mcore's local spec stores that norm as ``...mlp.linear_fc1.layer_norm_weight`` (the name TE
-    gives the norm it fuses into a dense MLP's fc1); TE's MoE layers keep a separate
-    ``...pre_mlp_layernorm.weight``. Writing both (a vector per layer) lets Megatron-LM load the
-    checkpoint under either ``--transformer-impl``; readers ignore the key they do not ask for.
+    mcore's local spec stores that norm as ``...mlp.linear_fc1.layer_norm_weight`` (the name
+    Transformer Engine gives the norm it fuses into a dense MLP's fc1); TE's MoE layers keep a
+    separate ``...pre_mlp_layernorm.weight``. Writing both (a vector per layer) lets Megatron-LM
+    load the checkpoint under either ``--transformer-impl``, whichever spec built ours; readers
+    ignore the key they do not ask for.
     """
     if not cfg.is_moe:
         return sharded
     moe_layers = cfg.moe_layers()
     aliases = {}
     for name, value in sharded.items():
-        found = _FUSED_PRE_MLP_NORM.match(getattr(value, "key", None) or "")
+        found = _PRE_MLP_NORM.match(getattr(value, "key", None) or "")
         if found is None or not hasattr(value, "data"):
             continue
-        layer, param = found.groups()
+        layer, stored, param = found.groups()
         if layer is not None and not moe_layers[int(layer)]:
-            continue  # a dense layer: TE fuses its norm into fc1 under this very key
+            continue  # a dense layer: TE fuses its norm into fc1 under that very key
         prefix = "decoder.layers." + (f"{layer}." if layer is not None else "")
-        aliases[f"{name}@te"] = dataclasses.replace(value, key=f"{prefix}pre_mlp_layernorm."
-                                                              f"{param}")
+        aliases[f"{name}@alias"] = dataclasses.replace(
+            value, key=f"{prefix}{_PRE_MLP_NORM_NAMES[stored]}{param}")
     return dict(sharded, **aliases)
 
 
