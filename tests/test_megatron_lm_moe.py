@@ -116,11 +116,11 @@ def _logits(path):
         return full_logits(model, TOKENS, 2)
 
 
-def _compare(paths, expected, tp, ep):
+def _compare(paths, expected, tp, ep, pp=1):
     from megatron_minitron import parallel
 
-    with parallel.parallel_context(tp, 1, ep=ep) as layout:
-        assert (layout.tp, layout.ep) == (tp, ep)
+    with parallel.parallel_context(tp, pp, ep=ep) as layout:
+        assert (layout.tp, layout.pp, layout.ep) == (tp, pp, ep)
         for path in paths:
             torch.testing.assert_close(_logits(path), torch.load(expected), rtol=0, atol=1e-5)
 
@@ -174,6 +174,11 @@ def test_saved_at_every_layout_loads_at_tp1(saved):
 def test_saved_at_every_layout_loads_at_tp2_ep2(saved):
     _, expected, saves = saved
     spawn(_compare, 4, list(saves.values()), expected, 2, 2)
+
+
+def test_saved_with_experts_split_loads_at_pp2_ep2(saved):
+    _, expected, saves = saved
+    spawn(_compare, 4, [saves[2, 2]], expected, 1, 2, 2)
 
 
 def _save_ours_as_megatron(ours, out):
