@@ -113,7 +113,8 @@ def test_saved_at_tp2_loads_at_other_layouts(saved, tp, pp):
 
 
 @pytest.mark.parametrize("changes,named", [
-    ({"num_experts": 8}, "num_experts=8"),
+    ({"num_experts": 8, "moe_router_score_function": "sigmoid"},
+     "moe_router_score_function='sigmoid'"),
     ({"position_embedding_type": "learned_absolute"}, "position_embedding_type='learned_absolute'"),
     ({"rotary_interleaved": True}, "rotary_interleaved=True"),
     ({"multi_latent_attention": True}, "multi_latent_attention=True"),

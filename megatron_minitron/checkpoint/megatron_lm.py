@@ -5,7 +5,16 @@ Reading: every ``--load``/``--teacher``/``--student`` also accepts a Megatron-LM
 ``iter_NNNNNNN``/``release`` folders. The architecture comes from the ``args`` Megatron-LM saves
 in the common state (``common.pt``, or the ``common_state`` object of mcore >= 0.19), mapped onto
 :class:`ModelConfig`; anything we cannot build is refused in one line naming the arg. Only the
-model weights are read (under mcore's own keys), at any TP/PP.
+model weights are read (under mcore's own keys), at any TP/PP/EP.
+
+Mixture-of-experts models (``num_experts``) map onto our MoE fields: softmax top-k routers
+(``moe_router_pre_softmax`` either way), dropless, with an optional (gated) shared expert and
+any ``moe_layer_freq``. Experts saved by SequentialMLP, Transformer Engine's grouped GEMM or the
+legacy GroupedMLP all load (mcore stores them under the same keys); our SequentialMLP experts are
+saved under those keys with ``moe_grouped_gemm=False``. Training-only knobs (aux/z-loss types,
+input jitter, dispatcher, grouped GEMM, expert parallel sizes) do not change the weights or the
+forward and are accepted; sigmoid or scaled or biased or group-limited routing, token dropping,
+latent or interleaved-GLU experts are refused before any weight is read.
 
 Writing (``--output-format megatron``)::
 
@@ -21,10 +30,13 @@ Megatron-LM loads it with ``pretrain_gpt.py --load OUT --finetune`` (architectur
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import io as _io
 import os
+import re
 import shutil
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -42,7 +54,6 @@ TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 # Megatron-LM args that change the network in ways our models do not build; refused when set.
 _REFUSED = {
-    "num_experts": "mixture-of-experts models are not supported yet",
     "qk_l2_norm": "query/key L2 norms are not supported",
     "rotary_interleaved": "only the default (non-interleaved) RoPE layout is supported",
     "multi_latent_attention": "multi-latent attention is not supported",
@@ -60,8 +71,245 @@ _REFUSED = {
 }
 
 
+# Mixture-of-experts args (read when num_experts is set) that change the forward or the stored
+# weights in ways our models (softmax top-k router, SequentialMLP experts) do not build:
+# name -> (the values we build, what it is, the fix).
+_MOE_REFUSED = {
+    "moe_router_score_function": (("softmax", None), "sigmoid router scores are not supported",
+                                  "only softmax routers load"),
+    "moe_router_topk_scaling_factor": ((None, 1, 1.0), "scaled top-k router weights are not "
+                                       "supported", "only unscaled routers (None) load"),
+    "moe_router_enable_expert_bias": ((None, False), "expert-bias (aux-loss-free) routing is "
+                                      "not supported", "only routers without expert bias load"),
+    "moe_router_num_groups": ((None, 0, 1), "group-limited routing is not supported",
+                              "only ungrouped routers load"),
+    "moe_router_group_topk": ((None, 0), "group-limited routing is not supported",
+                              "only ungrouped routers load"),
+    "moe_router_topk_limited_devices": ((None, 0), "device-limited routing is not supported",
+                                        "only unlimited routers load"),
+    "moe_router_force_load_balancing": ((None, False), "forced (random) routing is a "
+                                        "benchmarking mode", "load a checkpoint trained without "
+                                        "it"),
+    "moe_router_force_biased": ((None, 0, 0.0), "random router biases are a benchmarking mode",
+                                "load a checkpoint trained without them"),
+    "moe_expert_capacity_factor": ((None,), "token dropping (an expert capacity) changes the "
+                                   "forward", "only dropless models load"),
+    "moe_expert_rank_capacity_factor": ((None,), "token dropping (a per-rank capacity) changes "
+                                        "the forward", "only dropless models load"),
+    "moe_pad_expert_input_to_capacity": ((None, False), "padding experts to a capacity needs "
+                                         "token dropping", "only dropless models load"),
+    "moe_apply_probs_on_input": ((None, False), "router weights applied to the expert input "
+                                 "are not supported", "only weights applied to the expert "
+                                 "output load"),
+    "moe_latent_size": ((None, 0), "latent MoE projections are not supported",
+                        "only experts on the hidden size load"),
+    "moe_mlp_glu_interleave_size": ((None, 0), "block-interleaved expert GLU weights are not "
+                                    "supported", "only [gate; up] expert weights load"),
+    "moe_shared_expert_glu_interleave_size": ((None, 0), "block-interleaved shared-expert GLU "
+                                              "weights are not supported", "only [gate; up] "
+                                              "shared-expert weights load"),
+}
+
+_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+"""Load-balancing losses that leave the forward as it is (training losses only). We train with
+mcore's ``aux_loss`` at the saved coefficient; ``sinkhorn`` changes the routing and is refused."""
+
+# Stored expert keys that mcore's SequentialMLP does not request: per-expert keys (mcore's
+# ``singleton_local_shards`` layout), unmapped grouped-GEMM tensors, raw module names.
+_UNMAPPED_EXPERT_KEY = re.compile(
+    r"\.experts\.(?:experts\.)?\d+\.|\.experts\.local_experts\.|\.experts\.weight[12]\b"
+    r"|\.experts\.(?:experts\.)?linear_fc[12]\.(?:weight|bias)\d+$")
+
+
 def _where(path: str) -> str:
     return f"--load {path}"
+
+
+# ---------------------------------------------------------------- mixture of experts
+
+
+_FREQ_MAX = 1 << 16  # longest pattern (and largest int) a moe_layer_freq string may spell
+
+
+def _freq_value(node):
+    """The int or list of ints an ``ast`` node of a moe_layer_freq pattern spells: ints, lists,
+    tuples, ``+`` and ``*`` only (ValueError for anything else or anything oversized)."""
+    if isinstance(node, ast.Expression):
+        return _freq_value(node.body)
+    if isinstance(node, ast.Constant) and type(node.value) is int and \
+            0 <= node.value <= _FREQ_MAX:
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_freq_value(item) for item in node.elts]
+        if all(isinstance(item, int) for item in items):
+            return items
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+        left, right = _freq_value(node.left), _freq_value(node.right)
+        if isinstance(node.op, ast.Add) and type(left) is type(right):
+            result = left + right
+        elif isinstance(node.op, ast.Mult) and not (isinstance(left, list) and
+                                                     isinstance(right, list)):
+            length = [len(v) for v in (left, right) if isinstance(v, list)]
+            if length and length[0] * min(v for v in (left, right) if isinstance(v, int)) \
+                    > _FREQ_MAX:
+                raise ValueError("pattern too long")
+            result = left * right
+        else:
+            raise ValueError("unsupported operands")
+        if isinstance(result, int) and result > _FREQ_MAX or \
+                isinstance(result, list) and len(result) > _FREQ_MAX:
+            raise ValueError("pattern too long")
+        return result
+    raise ValueError(f"unsupported {type(node).__name__}")
+
+
+def parse_moe_layer_freq(value, where: str = "") -> Union[int, List[int]]:
+    """Megatron-LM's ``moe_layer_freq``: an int k (layers 0, k, 2k, ... are MoE), a 0/1 list
+    per layer, or the pattern string its CLI takes (``"([1]*3+[0]*1)*2"``, ``"[1,0,1]"``,
+    ``"2"``); pattern strings are read as int/list arithmetic (``+``, ``*``) only."""
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    if isinstance(value, str):
+        try:
+            return _freq_value(ast.parse(value.strip(), mode="eval"))
+        except (SyntaxError, ValueError, TypeError, RecursionError):
+            pass
+    raise UsageError(f"{where}: Megatron-LM arg moe_layer_freq={value!r} is not an int, a 0/1 "
+                     "list or a pattern like '([1]*3+[0]*1)*2'; fix the saved args")
+
+
+def _load_balancing(args, where: str) -> tuple:
+    """``(moe_aux_loss_coeff, loss type)`` from Megatron-LM's load-balancing args (a type and a
+    coefficient, or lists of both)."""
+    types = _arg(args, "moe_router_load_balancing_type", "aux_loss")
+    coeffs = _arg(args, "moe_aux_loss_coeff", 0.0)
+    types = list(types) if isinstance(types, (list, tuple)) else [types]
+    coeffs = list(coeffs) if isinstance(coeffs, (list, tuple)) else [coeffs] * len(types)
+    active = []
+    for kind, coeff in zip(types, coeffs):
+        if kind == "sinkhorn":
+            raise UsageError(f"{where}: Megatron-LM arg moe_router_load_balancing_type="
+                             f"{kind!r} is not supported (Sinkhorn routing changes the "
+                             "forward); only aux_loss, seq_aux_loss, global_aux_loss or none "
+                             "load")
+        if kind not in _LOAD_BALANCING:
+            raise UsageError(f"{where}: Megatron-LM arg moe_router_load_balancing_type="
+                             f"{kind!r} is not supported; only aux_loss, seq_aux_loss, "
+                             "global_aux_loss or none load")
+        if kind != "none" and float(coeff or 0.0) != 0.0:
+            active.append((float(coeff), kind))
+    if len(active) > 1:
+        raise UsageError(f"{where}: Megatron-LM args moe_router_load_balancing_type={types!r} "
+                         "combine load-balancing losses, which is not supported; keep one")
+    return active[0] if active else (0.0, "none")
+
+
+def moe_fields(args, where: str) -> Dict[str, Any]:
+    """ModelConfig fields of a Megatron-LM mixture-of-experts model (none for a dense one);
+    one-line UsageError for what we do not build."""
+    experts = getattr(args, "num_experts", None)
+    if experts in (None, 0):
+        return {}
+    for name, (built, reason, fix) in _MOE_REFUSED.items():
+        value = getattr(args, name, None)
+        if value not in built:
+            raise UsageError(f"{where}: Megatron-LM arg {name}={value!r} is not supported "
+                             f"({reason}); {fix}")
+    coeff, kind = _load_balancing(args, where)
+    fields = dict(
+        num_moe_experts=int(experts),
+        moe_router_topk=int(_arg(args, "moe_router_topk", 2)),
+        moe_ffn_hidden_size=_arg(args, "moe_ffn_hidden_size", None),
+        moe_shared_expert_intermediate_size=_arg(args, "moe_shared_expert_intermediate_size",
+                                                 None),
+        moe_shared_expert_gate=bool(getattr(args, "moe_shared_expert_gate", False)),
+        moe_layer_freq=parse_moe_layer_freq(_arg(args, "moe_layer_freq", 1), where),
+        moe_router_pre_softmax=bool(getattr(args, "moe_router_pre_softmax", False)),
+        moe_aux_loss_coeff=coeff,
+    )
+    if kind not in ("aux_loss", "none"):  # provenance: we train with mcore's aux_loss
+        fields["extra"] = {"moe_router_load_balancing_type": kind}
+    return fields
+
+
+def check_expert_keys(keys, path: str) -> None:
+    """Refuses, in one line, stored expert tensors mcore's SequentialMLP experts cannot load.
+
+    mcore saves every expert implementation under one set of keys (``...mlp.experts.experts.
+    linear_fc1.weight`` [.., experts, out, in]): SequentialMLP, Transformer Engine's grouped
+    GEMM (``TEGroupedMLP``, ``weight{e}`` parameters) and the legacy ``GroupedMLP``
+    (``weight1``/``weight2``, transposed on save) alike, which is how Megatron-LM writes them.
+    Other layouts (per-expert keys of mcore's ``singleton_local_shards``, raw module names)
+    are refused."""
+    for key in keys:
+        if _UNMAPPED_EXPERT_KEY.search(key):
+            raise UsageError(f"{_where(path)}: stored expert tensor {key!r} is not in mcore's "
+                             "common expert layout (...mlp.experts.experts.linear_fc1.weight); "
+                             "re-save it with Megatron-LM's torch_dist format "
+                             "(singleton_local_shards off)")
+
+
+_PER_LAYER_KEY = re.compile(r"^decoder\.layers\.\d+\.")
+
+
+def match_layer_layout(cfg: ModelConfig, keys) -> ModelConfig:
+    """``cfg`` with ``moe_layer_freq`` in the form whose checkpoint keys ``keys`` holds.
+
+    mcore stores a block's layers stacked (``decoder.layers.<name>`` [L, ...]) when
+    ``moe_layer_freq`` is the int 1 and one per layer (``decoder.layers.<i>.<name>``) when it is
+    a list (or a mixed stack, or a run saved with ``non_homogeneous_layers``). An all-MoE stack
+    is the same network either way; the form follows the stored keys so the load finds them.
+    """
+    if not cfg.is_moe or not cfg.moe_layers() or not all(cfg.moe_layers()):
+        return cfg
+    layered = [key for key in keys if key.startswith("decoder.layers.")]
+    if not layered:
+        return cfg
+    per_layer = all(_PER_LAYER_KEY.match(key) for key in layered)
+    if per_layer and cfg.moe_layer_freq == 1:
+        return cfg.replace(moe_layer_freq=[1] * cfg.num_layers)
+    if not per_layer and isinstance(cfg.moe_layer_freq, list):
+        return cfg.replace(moe_layer_freq=1)
+    return cfg
+
+
+def moe_args(cfg: ModelConfig) -> Dict[str, Any]:
+    """Megatron-LM's mixture-of-experts args for ``cfg`` (num_experts=None for a dense one):
+    SequentialMLP experts, softmax top-k routing, dropless."""
+    dense = not cfg.is_moe
+    return dict(
+        num_experts=None if dense else cfg.num_moe_experts,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_ffn_hidden_size=None if dense else cfg.moe_ffn_hidden_size,
+        moe_shared_expert_intermediate_size=None if dense else
+        cfg.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=cfg.moe_shared_expert_gate and not dense,
+        moe_shared_expert_overlap=False,
+        moe_layer_freq=list(cfg.moe_layer_freq) if isinstance(cfg.moe_layer_freq, list)
+        else cfg.moe_layer_freq,
+        moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+        moe_router_score_function="softmax",
+        moe_router_topk_scaling_factor=None,
+        moe_router_enable_expert_bias=False,
+        moe_router_num_groups=None,
+        moe_router_group_topk=None,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff else "none",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_z_loss_coeff=None,
+        moe_input_jitter_eps=None,
+        moe_expert_capacity_factor=None,
+        moe_pad_expert_input_to_capacity=False,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        moe_use_legacy_grouped_gemm=False,
+        moe_apply_probs_on_input=False,
+        moe_latent_size=None,
+    )
 
 
 # ---------------------------------------------------------------- locating
@@ -158,7 +406,7 @@ def config_from_args(args, vocab_size: int, path: str) -> ModelConfig:
         value = getattr(args, name, None)
         if value not in (None, False, 0, "", [], ()):
             raise UsageError(f"{where}: Megatron-LM arg {name}={value!r} is not supported "
-                             f"({reason})")
+                             f"({reason}); only checkpoints without {name} load")
     position = getattr(args, "position_embedding_type", None) or (
         "rope" if getattr(args, "use_rotary_position_embeddings", False) else "learned_absolute")
     if position != "rope":
@@ -185,6 +433,8 @@ def config_from_args(args, vocab_size: int, path: str) -> ModelConfig:
     heads = args.num_attention_heads
     groups = args.num_query_groups if getattr(args, "group_query_attention", False) else heads
     add_bias = _arg(args, "add_bias_linear", not getattr(args, "disable_bias_linear", False))
+    moe = moe_fields(args, where)
+    extra = dict(moe.pop("extra", {}), source_format="megatron_lm")
     try:
         return ModelConfig(
             num_layers=args.num_layers,
@@ -211,11 +461,12 @@ def config_from_args(args, vocab_size: int, path: str) -> ModelConfig:
             seq_len_interpolation_factor=getattr(args, "rotary_seq_len_interpolation_factor",
                                                  None),
             init_method_std=float(_arg(args, "init_method_std", 0.02)),
-            extra={"source_format": "megatron_lm"},
+            extra=extra,
+            **moe,
         )
     except (ValueError, TypeError, AttributeError) as err:
         raise UsageError(f"{where}: the saved Megatron-LM args do not describe a model we can "
-                         f"build ({err})") from None
+                         f"build ({err}); fix the saved args") from None
 
 
 def tokenizer_model(args) -> Optional[str]:
@@ -255,6 +506,9 @@ def checkpoint_info(folder: str, path: str) -> Dict[str, Any]:
         raise UsageError(f"{_where(path)}: the Megatron-LM checkpoint holds no "
                          "embedding.word_embeddings.weight and no padded_vocab_size")
     cfg = config_from_args(args, vocab, path)
+    if cfg.is_moe:
+        check_expert_keys(shapes, path)
+        cfg = match_layer_layout(cfg, shapes)
     meta = {"megatron_lm": {"folder": os.path.abspath(folder),
                             "iteration": common.get("iteration"),
                             "checkpoint_version": common.get("checkpoint_version"),
@@ -284,8 +538,9 @@ def megatron_args(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                   tokenizer: Optional[str] = None) -> argparse.Namespace:
     """The ``args`` Megatron-LM saves, for ``cfg``: every field its ``--use-checkpoint-args``
     reads (megatron/training/checkpointing.py ``load_args_from_checkpoint``) and the ones its
-    model builder needs."""
+    model builder needs (for a mixture-of-experts model, :func:`moe_args`)."""
     return argparse.Namespace(
+        **moe_args(cfg),
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.ffn_hidden_size,
@@ -322,7 +577,6 @@ def megatron_args(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
         make_vocab_size_divisible_by=1,
         tokenizer_type="HuggingFaceTokenizer" if tokenizer else None,
         tokenizer_model=tokenizer,
-        num_experts=None,
         mtp_num_layers=None,
         spec=None,
         ckpt_format="torch_dist",
@@ -334,6 +588,7 @@ def megatron_args(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
         virtual_pipeline_model_parallel_size=None,
         num_layers_per_virtual_pipeline_stage=None,
         expert_model_parallel_size=1,
+        expert_tensor_parallel_size=1,
         consumed_train_samples=0,
         skipped_train_samples=0,
         consumed_valid_samples=0,
@@ -368,6 +623,38 @@ def _finish(tmp: str, path: str, cfg: ModelConfig, meta: Optional[Dict],
     io.replace_directory(tmp, path)
 
 
+_PRE_MLP_NORM = re.compile(r"^decoder\.layers\.(?:(\d+)\.)?(mlp\.linear_fc1\.layer_norm_|"
+                           r"pre_mlp_layernorm\.)(weight|bias)$")
+_PRE_MLP_NORM_NAMES = {"mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
+                       "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+
+
+def with_te_norm_keys(sharded: Dict, cfg: ModelConfig) -> Dict:
+    """``sharded`` plus each MoE layer's pre-MLP norm under both of mcore's names for it.
+
+    mcore's local spec stores that norm as ``...mlp.linear_fc1.layer_norm_weight`` (the name
+    Transformer Engine gives the norm it fuses into a dense MLP's fc1); TE's MoE layers keep a
+    separate ``...pre_mlp_layernorm.weight``. Writing both (a vector per layer) lets Megatron-LM
+    load the checkpoint under either ``--transformer-impl``, whichever spec built ours; readers
+    ignore the key they do not ask for.
+    """
+    if not cfg.is_moe:
+        return sharded
+    moe_layers = cfg.moe_layers()
+    aliases = {}
+    for name, value in sharded.items():
+        found = _PRE_MLP_NORM.match(getattr(value, "key", None) or "")
+        if found is None or not hasattr(value, "data"):
+            continue
+        layer, stored, param = found.groups()
+        if layer is not None and not moe_layers[int(layer)]:
+            continue  # a dense layer: TE fuses its norm into fc1 under that very key
+        prefix = "decoder.layers." + (f"{layer}." if layer is not None else "")
+        aliases[f"{name}@alias"] = dataclasses.replace(
+            value, key=f"{prefix}{_PRE_MLP_NORM_NAMES[stored]}{param}")
+    return dict(sharded, **aliases)
+
+
 def save_checkpoint(model, cfg: ModelConfig, path: str, meta: Optional[Dict] = None,
                     tokenizer_from: Optional[str] = None) -> None:
     """Saves this rank's shards of ``model`` (collective) as a Megatron-LM checkpoint at
@@ -387,7 +674,7 @@ def save_checkpoint(model, cfg: ModelConfig, path: str, meta: Optional[Dict] = N
     parallel.barrier()
     dtype = next(model.parameters()).dtype
     state = dict(common_state(cfg, dtype, _tokenizer_target(path, tokenizer_from)),
-                 model=adapter.megatron_lm_sharded_state_dict(model))
+                 model=with_te_norm_keys(adapter.megatron_lm_sharded_state_dict(model), cfg))
     dist_checkpointing.save(state, os.path.join(tmp, RELEASE))
     parallel.barrier()
     if parallel.is_rank0():
@@ -403,6 +690,9 @@ def write_streaming(specs, cfg: ModelConfig, path: str, meta: Optional[Dict] = N
     from megatron_minitron import adapter
     from megatron_minitron.checkpoint import io, stream
 
+    if cfg.is_moe:  # adapter.extra_state_keys and the stacked-layer streams are dense-only
+        raise UsageError("--output-format megatron: streamed writing of mixture-of-experts "
+                         "models is not supported yet; write --output-format minitron")
     path = os.path.abspath(path)
     io.check_output_path(path)
     stream.return_freed_memory_promptly()
