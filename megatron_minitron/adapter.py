@@ -673,14 +673,18 @@ def legacy_checkpoint_key(key: str) -> str:
 
 def match_checkpoint_keys(sharded: Dict, checkpoint_keys: Iterable[str]) -> Dict:
     """Renames, in place, the sharded tensors of a load request that the checkpoint holds only
-    under their former names (see :func:`legacy_checkpoint_key`); returns ``sharded``."""
+    under their other norm names (see :func:`legacy_checkpoint_key`), either way: the local
+    spec saves a MoE layer's pre-MLP norm under the fused name
+    (``mlp.linear_fc1.layer_norm_weight``), the Transformer Engine spec under its own module's
+    (``pre_mlp_layernorm.weight``). Returns ``sharded``."""
     present = set(checkpoint_keys)
     for value in sharded.values():
         key = getattr(value, "key", None)
         if key is not None and key not in present:
-            legacy = legacy_checkpoint_key(key)
-            if legacy in present:
-                value.key = legacy
+            for other in (legacy_checkpoint_key(key), native_key(key)):
+                if other in present:
+                    value.key = other
+                    break
     return sharded
 
 

@@ -96,3 +96,16 @@ def test_every_layout_gives_the_same_logits(tmp_path):
         reloaded, _ = io.load_checkpoint(f"{path}_212")
         torch.testing.assert_close(full_logits(reloaded, TOKENS, 2), torch.load(expected),
                                    rtol=0, atol=1e-5)
+
+
+def test_checkpoint_norm_names_match_either_way():
+    """A MoE layer's pre-MLP norm: saved by the local spec under the fused name, asked for by
+    the Transformer Engine spec under its module's (and the other way round)."""
+    from types import SimpleNamespace
+
+    fused, plain = ("decoder.layers.mlp.linear_fc1.layer_norm_weight",
+                    "decoder.layers.pre_mlp_layernorm.weight")
+    for asked, stored in ((plain, fused), (fused, plain)):
+        request = {"norm": SimpleNamespace(key=asked), "other": SimpleNamespace(key="x.weight")}
+        adapter.match_checkpoint_keys(request, [stored, "x.weight"])
+        assert request["norm"].key == stored and request["other"].key == "x.weight"
