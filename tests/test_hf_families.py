@@ -151,21 +151,27 @@ def _make_family(folder, fields, seed=0):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def families(tmp_path_factory):
-    """{family: dict(hf, ckpt, model, tokens, logits)}, each imported once."""
-    root = tmp_path_factory.mktemp("families")
+def import_families(root, families, make_family, vocab, seq):
+    """{family: dict(hf, ckpt, model, tokens, logits, root)}: each of ``families`` (name →
+    config.json fields) made by ``make_family(folder, fields, seed)`` and imported once."""
     out = {}
-    for index, (name, fields) in enumerate(FAMILIES.items()):
+    for index, (name, fields) in enumerate(families.items()):
         hf_dir, ckpt = str(root / name / "hf"), str(root / name / "ckpt")
-        model = _make_family(hf_dir, fields, seed=index)
+        model = make_family(hf_dir, fields, seed=index)
         import_hf(hf_dir, ckpt)
-        tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+        tokens = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
-            logits = model(tokens).logits  # [2, SEQ, VOCAB]
+            logits = model(tokens).logits  # [2, seq, vocab]
         out[name] = dict(hf=hf_dir, ckpt=ckpt, model=model, tokens=tokens, logits=logits,
                          root=root)
     return out
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """{family: dict(hf, ckpt, model, tokens, logits, root)}, each imported once."""
+    return import_families(tmp_path_factory.mktemp("families"), FAMILIES, _make_family,
+                           VOCAB, SEQ)
 
 
 def _logits_tp1(ckpt, tokens):

@@ -126,18 +126,10 @@ def _make_family(folder, fields, seed):
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     """{family: dict(hf, ckpt, model, tokens, logits, root)}, each imported once."""
-    root = tmp_path_factory.mktemp("moe_families")
-    out = {}
-    for index, (name, fields) in enumerate(FAMILIES.items()):
-        hf_dir, ckpt = str(root / name / "hf"), str(root / name / "ckpt")
-        model = _make_family(hf_dir, fields, seed=index)
-        import_hf(hf_dir, ckpt)
-        tokens = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
-        with torch.no_grad():
-            logits = model(tokens).logits  # [2, SEQ, VOCAB]
-        out[name] = dict(hf=hf_dir, ckpt=ckpt, model=model, tokens=tokens, logits=logits,
-                         root=root)
-    return out
+    from test_hf_families import import_families
+
+    return import_families(tmp_path_factory.mktemp("moe_families"), FAMILIES, _make_family,
+                           VOCAB, SEQ)
 
 
 def _logits_with(ckpt, tokens, edit=None, **changes):

@@ -19,6 +19,7 @@ from megatron_minitron.importance.aggregation import REDUCTIONS, reduce_routed
 from megatron_minitron.importance.moe import MOE_SCORE_KEYS
 from megatron_minitron.testing import spawn, tiny_config, tiny_moe_config
 from megatron_minitron.testing.models import spread_weights
+from test_importance import _same_ranking
 
 SAMPLES, SEQ = 8, 16
 DENSE_KEYS = ("head", "query_group", "neuron", "channel", "layer_bi")
@@ -39,15 +40,6 @@ def _close(actual, expected, rtol):
     scale = expected.abs().max().clamp_min(1e-12)
     error = (actual - expected).abs()
     assert (error <= rtol * scale).all(), error.max() / scale
-
-
-def _same_ranking(actual, expected):
-    """Orderings agree except between values equal within the tolerance."""
-    actual, expected = actual.flatten().double(), expected.flatten().double()
-    order = torch.argsort(expected)
-    tol = 1e-4 * expected.abs().max()
-    ranked = actual[order]
-    assert (ranked[1:] - ranked[:-1] >= -2 * tol).all()
 
 
 @pytest.fixture(scope="module")

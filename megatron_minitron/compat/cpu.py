@@ -167,42 +167,26 @@ def _patch_torch_cuda() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
 
-    class _NullStream:
+    class _InOrder:
+        """A CUDA stream or event on the CPU, where work runs in order: every call is a no-op."""
+
         def __init__(self, *a, **k):
             pass
 
-        def wait_stream(self, *a, **k):
-            pass
+        def _nothing(self, *a, **k):
+            return None
 
-        def wait_event(self, *a, **k):
-            pass
-
-        def synchronize(self):
-            pass
+        wait_stream = wait_event = synchronize = record = wait = _nothing
 
         def record_event(self, *a, **k):
-            return _NullEvent()
-
-    class _NullEvent:
-        def __init__(self, *a, **k):
-            pass
-
-        def record(self, *a, **k):
-            pass
-
-        def wait(self, *a, **k):
-            pass
-
-        def synchronize(self):
-            pass
+            return _InOrder()
 
         def query(self):
             return True
 
     # the MoE token dispatchers make side streams and events; on the CPU work is in order
-    torch.cuda.current_stream = lambda *a, **k: _NullStream()
-    torch.cuda.Stream = _NullStream
-    torch.cuda.Event = _NullEvent
+    torch.cuda.current_stream = lambda *a, **k: _InOrder()
+    torch.cuda.Stream = torch.cuda.Event = _InOrder
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
 
 
