@@ -10,6 +10,8 @@ What it does on a CUDA-less machine:
   streams and events the MoE token dispatchers make, are no-ops, so mcore's ``device=torch.cuda.current_device()`` allocations land on the CPU;
 * the CUDA RNG tracker (``megatron.core.tensor_parallel.random``) is backed by CPU generator states;
 * ``get_default_causal_mask`` (which hard-codes ``device="cuda"``) builds its mask on the CPU;
+* mcore's unfused RoPE computes cos and sin once per frequency tensor, not per layer, and
+  skips concatenating an empty pass-through part (a copy of the queries and keys);
 * mcore 0.16's MoE router finds ``te_general_gemm`` (None: its torch path) without TE, and the
   all-to-all token dispatcher gets its split sizes as numpy arrays (mcore converts CUDA
   tensors only);
@@ -190,6 +192,34 @@ def _patch_torch_cuda() -> None:
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
 
 
+def _rope_once(original):
+    """mcore's unfused RoPE with cos and sin computed once per frequency tensor.
+
+    ``_apply_rotary_pos_emb_bshd`` recomputes both for every query and key of every layer from
+    the same frequencies, and concatenates an empty pass-through part onto the result (a copy of
+    the queries and keys); on the CPU that is about 1% of a forward. The same arithmetic without
+    them, for full rotary dimensions and the default (non-interleaved) rotation; other calls
+    take mcore's function.
+    """
+    cached = [None]  # (freqs, its version, mscale, dtype, cos, sin) of the last call
+
+    @functools.wraps(original)
+    def rope(t, freqs, rotary_interleaved=False, *args, mscale=1.0, **kwargs):
+        if (args or any(kwargs.values()) or rotary_interleaved or freqs.requires_grad
+                or freqs.shape[-1] != t.shape[-1]):
+            return original(t, freqs, rotary_interleaved, *args, mscale=mscale, **kwargs)
+        entry = cached[0]
+        if (entry is None or entry[0] is not freqs or entry[1] != freqs._version
+                or entry[2] != mscale or entry[3] != t.dtype):
+            entry = cached[0] = (freqs, freqs._version, mscale, t.dtype,
+                                 (torch.cos(freqs) * mscale).to(t.dtype),
+                                 (torch.sin(freqs) * mscale).to(t.dtype))
+        first, second = torch.chunk(t, 2, dim=-1)
+        return (t * entry[4]) + (torch.cat((-second, first), dim=-1) * entry[5])
+
+    return rope
+
+
 def _patch_mcore() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer import utils as transformer_utils
@@ -215,6 +245,10 @@ def _patch_mcore() -> None:
     for module in (moe_utils, token_dispatcher):
         if hasattr(module, "maybe_move_tensor_to_cpu"):
             module.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    from megatron.core.models.common.embeddings import rope_utils
+
+    rope_utils._apply_rotary_pos_emb_bshd = _rope_once(rope_utils._apply_rotary_pos_emb_bshd)
 
     original_init = mcore_random.initialize_rng_tracker
 

@@ -59,13 +59,49 @@ def local_layer_spec(cfg: ModelConfig, moe: bool = False):
     """mcore's local layer spec with torch's fused attention in its ``core_attention`` slot
     (:class:`megatron_minitron.model.attention.SDPAttention`; same weights and masking);
     ``moe``: its mixture-of-experts layer (router and ``SequentialMLP`` experts)."""
+    from megatron.core.transformer.mlp import MLP
+
     from megatron_minitron.model.attention import SDPAttention
+    from megatron_minitron.model.mlp import SwiGLUMLP
 
     spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts if moe else None,
                                     normalization=cfg.normalization,
                                     qk_layernorm=cfg.qk_layernorm)
-    attention = with_submodules(spec.submodules.self_attention, core_attention=SDPAttention)
-    return with_submodules(spec, self_attention=attention)
+    attention = with_submodules(spec.submodules.self_attention, core_attention=SDPAttention,
+                                **_plain_linears(spec.submodules.self_attention))
+    if moe:
+        return with_submodules(spec, self_attention=attention)
+    mlp = with_submodules(spec.submodules.mlp, **_plain_linears(spec.submodules.mlp))
+    return with_submodules(spec, self_attention=attention, mlp=_with_module(mlp, MLP, SwiGLUMLP))
+
+
+def _with_module(builder, base: type, subclass: type):
+    """``builder`` (a ModuleSpec of ``base``, or mcore 0.19's ``partial`` of one of ``base``'s
+    classmethods) building ``subclass`` instead."""
+    if isinstance(builder, functools.partial):
+        method = builder.func
+        if getattr(method, "__self__", None) is not base:
+            raise TypeError(f"{builder} does not build {base.__name__}")
+        return functools.partial(getattr(subclass, method.__name__), *builder.args,
+                                 **builder.keywords)
+    if builder.module is not base:
+        raise TypeError(f"{builder} does not build {base.__name__}")
+    return dataclasses.replace(builder, module=subclass)
+
+
+def _plain_linears(builder) -> dict:
+    """Replacements of mcore's Column/RowParallelLinear slots among ``builder``'s submodules
+    by :mod:`megatron_minitron.model.linear`'s subclasses (plain matmuls on one TP rank)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_minitron.model.linear import ColumnLinear, RowLinear
+
+    submodules = (builder.keywords["submodules"] if isinstance(builder, functools.partial)
+                  else builder.submodules)
+    swap = {ColumnParallelLinear: ColumnLinear, RowParallelLinear: RowLinear}
+    return {field.name: swap[getattr(submodules, field.name)]
+            for field in dataclasses.fields(submodules)
+            if getattr(submodules, field.name) in swap}
 
 
 def _stage_moe_layers(cfg: ModelConfig, config: TransformerConfig) -> List[bool]:

@@ -1,0 +1,61 @@
+"""The local spec's MLP with a SwiGLU whose backward writes one gradient buffer.
+
+mcore's unfused gated MLP splits ``linear_fc1``'s output with ``torch.chunk`` and multiplies
+``silu(gate)`` by ``up``; autograd then joins the two halves' gradients with a concatenation,
+one more pass over the widest activation of the layer. :class:`SwiGLUMLP` is a drop-in subclass
+for the local spec's ``mlp`` slot (same constructor, submodules, parameters and hooks: it still
+calls ``linear_fc1`` and ``linear_fc2``) whose SwiGLU writes both halves' gradients straight into
+one buffer. Anything other than an unfused, unclamped, unscaled SwiGLU takes mcore's path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron_minitron.compat.cpu import apply_cpu_patches
+
+apply_cpu_patches()  # before mcore's first import (mcore 0.19 imports triton without it)
+
+from megatron.core.transformer.mlp import MLP  # noqa: E402
+
+
+class SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` of ``x = [gate, up]`` (last dimension), gradient in one buffer."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        gate, up = torch.chunk(x, 2, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(gate, up, activated)
+        return activated * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        gate, up, activated = ctx.saved_tensors
+        grad_x = grad.new_empty(grad.shape[:-1] + (2 * grad.shape[-1],))
+        grad_gate, grad_up = torch.chunk(grad_x, 2, dim=-1)
+        torch.mul(grad, activated, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_x
+
+
+class SwiGLUMLP(MLP):
+    """mcore's ``MLP``; an unfused SwiGLU through :class:`SwiGLU`."""
+
+    def _plain_swiglu(self, per_token_scale, kwargs) -> bool:
+        config = self.config
+        return (per_token_scale is None and not kwargs
+                and config.gated_linear_unit and self.activation_func is F.silu
+                and not getattr(config, "use_te_activation_func", False)
+                and not config.bias_activation_fusion
+                and getattr(config, "activation_func_clamp_value", None) is None
+                and not getattr(config, "glu_linear_offset", 0.0))
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if not self._plain_swiglu(per_token_scale, kwargs):
+            return super().forward(hidden_states, per_token_scale, **kwargs)
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            intermediate = intermediate + bias
+        return self.linear_fc2(SwiGLU.apply(intermediate))
