@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 
 from megatron_minitron.model.specs import (  # noqa: E402,F401 - the specs, re-exported
     LayerSpecFn,
+    building_models,
     ZeroCenteredLayerNorm,
     layer_spec,
     local_layer_spec,
@@ -187,7 +188,8 @@ def build_gpt_model(cfg: ModelConfig, params_dtype: torch.dtype = torch.float32,
     use_te = te_available() if use_te is None else use_te
     if spec is None:
         spec = spec_override()
-    with cuda_to_cpu():  # tied embeddings under PP call .cuda() while syncing the output layer
+    # tied embeddings under PP call .cuda() while syncing the output layer
+    with cuda_to_cpu(), building_models():
         model = _gpt_model(cfg, params_dtype, use_te, spec, init_weights, config_overrides)
     if not init_weights:
         _mark_tensor_parallel_weights(model)

@@ -166,3 +166,14 @@ def test_rope_partial_and_interleaved_take_mcores_path():
     torch.testing.assert_close(fast(t, freqs, rotary_interleaved=True),
                                original(t, freqs, rotary_interleaved=True), rtol=0, atol=0)
     assert not torch.equal(fast(t, freqs, rotary_interleaved=True), fast(t, freqs))
+
+
+def test_mlp_gets_its_group_without_warnings(group, caplog):
+    from megatron.core import parallel_state
+
+    with caplog.at_level("WARNING"):
+        model = adapter.build_gpt_model(tiny_config())
+    assert not [r for r in caplog.records if "Unknown MLP type" in r.getMessage()]
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    assert all(layer.mlp.linear_fc1.tp_group is tp_group
+               for layer in adapter.decoder_layers(model))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -77,7 +78,11 @@ def local_layer_spec(cfg: ModelConfig, moe: bool = False):
 
 def _with_module(builder, base: type, subclass: type):
     """``builder`` (a ModuleSpec of ``base``, or mcore 0.19's ``partial`` of one of ``base``'s
-    classmethods) building ``subclass`` instead."""
+    classmethods) building ``subclass`` instead.
+
+    mcore 0.16's TransformerLayer passes the tensor-parallel group only to the MLP classes it
+    knows (and logs "Unknown MLP type" for others), so the ModuleSpec carries the group itself.
+    """
     if isinstance(builder, functools.partial):
         method = builder.func
         if getattr(method, "__self__", None) is not base:
@@ -86,7 +91,32 @@ def _with_module(builder, base: type, subclass: type):
                                  **builder.keywords)
     if builder.module is not base:
         raise TypeError(f"{builder} does not build {base.__name__}")
-    return dataclasses.replace(builder, module=subclass)
+    from megatron.core import parallel_state
+
+    params = dict(builder.params or {})
+    if parallel_state.model_parallel_is_initialized():
+        params.setdefault("tp_group", parallel_state.get_tensor_model_parallel_group())
+    return dataclasses.replace(builder, module=subclass, params=params)
+
+
+class _OwnMLPs(logging.Filter):
+    """Drops mcore 0.16's "Unknown MLP type" warning (see :func:`_with_module`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unknown MLP type")
+
+
+@contextlib.contextmanager
+def building_models():
+    """Around a model build from these specs: mcore 0.16 warns once per layer that it does not
+    know :class:`megatron_minitron.model.mlp.SwiGLUMLP`, whose spec carries its group."""
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    quiet = _OwnMLPs()
+    layer_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        layer_logger.removeFilter(quiet)
 
 
 def _plain_linears(builder) -> dict:
