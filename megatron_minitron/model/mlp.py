@@ -5,7 +5,8 @@ mcore's unfused gated MLP splits ``linear_fc1``'s output with ``torch.chunk`` an
 one more pass over the widest activation of the layer. :class:`SwiGLUMLP` is a drop-in subclass
 for the local spec's ``mlp`` slot (same constructor, submodules, parameters and hooks: it still
 calls ``linear_fc1`` and ``linear_fc2``) whose SwiGLU writes both halves' gradients straight into
-one buffer. Anything other than an unfused, unclamped, unscaled SwiGLU takes mcore's path.
+one buffer, allocates one tensor in its forward instead of two, and keeps only its input for
+the backward. Anything other than an unfused, unclamped, unscaled SwiGLU takes mcore's path.
 """
 
 from __future__ import annotations
@@ -21,21 +22,25 @@ from megatron.core.transformer.mlp import MLP  # noqa: E402
 
 
 class SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up`` of ``x = [gate, up]`` (last dimension), gradient in one buffer."""
+    """``silu(gate) * up`` of ``x = [gate, up]`` (last dimension), gradient in one buffer.
+
+    Saves only ``x`` (the backward recomputes ``silu(gate)``, one pass), and the forward
+    multiplies in place into the one new tensor.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         gate, up = torch.chunk(x, 2, dim=-1)
-        activated = F.silu(gate)
-        ctx.save_for_backward(gate, up, activated)
-        return activated * up
+        ctx.save_for_backward(x)
+        return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        gate, up, activated = ctx.saved_tensors
-        grad_x = grad.new_empty(grad.shape[:-1] + (2 * grad.shape[-1],))
+        (x,) = ctx.saved_tensors
+        gate, up = torch.chunk(x, 2, dim=-1)
+        grad_x = torch.empty_like(x)
         grad_gate, grad_up = torch.chunk(grad_x, 2, dim=-1)
-        torch.mul(grad, activated, out=grad_up)
+        torch.mul(grad, F.silu(gate), out=grad_up)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
         return grad_x
 
