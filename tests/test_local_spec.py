@@ -11,6 +11,7 @@ from megatron_minitron import adapter, parallel  # applies the CPU patches befor
 from megatron_minitron.model import linear, mlp
 from megatron_minitron.model.linear import ColumnLinear, RowLinear
 from megatron_minitron.model.mlp import SwiGLU, SwiGLUMLP
+from megatron_minitron.model.norm import RMSNorm
 from megatron_minitron.model.forward import position_ids_for
 from megatron_minitron.testing import tiny_config, tiny_moe_config
 
@@ -38,6 +39,7 @@ def mcore_paths(monkeypatch):
     def force():
         monkeypatch.setattr(linear, "_plain", lambda layer: False)
         monkeypatch.setattr(SwiGLUMLP, "_plain_swiglu", lambda *args: False)
+        monkeypatch.setattr(RMSNorm, "forward", torch.nn.RMSNorm.forward)
         if not torch.cuda.is_available():
             monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd",
                                 rope_utils._apply_rotary_pos_emb_bshd.__wrapped__)
@@ -81,9 +83,45 @@ def test_model_equals_mcores_paths(group, mcore_paths, variant):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("variant", ["llama", "qwen2_biases"])
+def test_forward_only_logits_equal_mcores_paths_bit_for_bit(group, mcore_paths, variant):
+    """Without autograd (importance, evaluation) the norms take their in-place path too."""
+    torch.manual_seed(0)
+    model = adapter.build_gpt_model(tiny_config(**VARIANTS[variant]))
+    tokens = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        logits = adapter.stage_forward(model, tokens, position_ids_for(tokens))
+        mcore_paths()
+        reference = adapter.stage_forward(model, tokens, position_ids_for(tokens))
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+
+
+def test_rmsnorm_in_place_path_equals_torchs():
+    norm = RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(7, 3, 48) * 5
+    with torch.no_grad():
+        fast = norm(x)
+        torch.testing.assert_close(fast, torch.nn.RMSNorm.forward(norm, x), rtol=0, atol=0)
+        assert not fast.requires_grad
+    trained = norm(x.requires_grad_(True))  # autograd on: torch's kernel and its backward
+    assert trained.grad_fn is not None
+    torch.testing.assert_close(trained.detach(), fast, rtol=0, atol=0)
+    with torch.no_grad():
+        half = norm.to(torch.bfloat16)(x.bfloat16())  # other dtypes: torch's kernel
+        torch.testing.assert_close(half, torch.nn.RMSNorm.forward(norm, x.bfloat16()),
+                                   rtol=0, atol=0)
+
+
 def test_dense_local_spec_uses_them_and_moe_experts_keep_mcores(group):
     model = adapter.build_gpt_model(tiny_config())
+    assert type(model.decoder.final_layernorm) is RMSNorm
+    assert type(adapter.build_gpt_model(tiny_config(normalization="LayerNorm"))
+                .decoder.final_layernorm) is torch.nn.LayerNorm
     for layer in adapter.decoder_layers(model):
+        assert type(layer.input_layernorm) is RMSNorm and type(layer.pre_mlp_layernorm) is RMSNorm
         assert type(layer.mlp) is SwiGLUMLP
         assert type(layer.mlp.linear_fc1) is ColumnLinear
         assert type(layer.mlp.linear_fc2) is RowLinear

@@ -64,16 +64,19 @@ def local_layer_spec(cfg: ModelConfig, moe: bool = False):
 
     from megatron_minitron.model.attention import SDPAttention
     from megatron_minitron.model.mlp import SwiGLUMLP
+    from megatron_minitron.model.norm import LocalNorm
 
     spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts if moe else None,
                                     normalization=cfg.normalization,
                                     qk_layernorm=cfg.qk_layernorm)
     attention = with_submodules(spec.submodules.self_attention, core_attention=SDPAttention,
                                 **_plain_linears(spec.submodules.self_attention))
+    norms = dict(input_layernorm=LocalNorm, pre_mlp_layernorm=LocalNorm)
     if moe:
-        return with_submodules(spec, self_attention=attention)
+        return with_submodules(spec, self_attention=attention, **norms)
     mlp = with_submodules(spec.submodules.mlp, **_plain_linears(spec.submodules.mlp))
-    return with_submodules(spec, self_attention=attention, mlp=_with_module(mlp, MLP, SwiGLUMLP))
+    return with_submodules(spec, self_attention=attention,
+                           mlp=_with_module(mlp, MLP, SwiGLUMLP), **norms)
 
 
 def _with_module(builder, base: type, subclass: type):
@@ -156,9 +159,10 @@ def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
             return get_gpt_decoder_block_spec(config, use_transformer_engine=True,
                                               normalization=cfg.normalization)
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
-    if not cfg.is_moe and not cfg.layernorm_zero_centered_gamma:
-        return local_layer_spec(cfg)
-    specs = [local_layer_spec(cfg, moe) for moe in _stage_moe_layers(cfg, config)]
+    if cfg.is_moe:
+        specs = [local_layer_spec(cfg, moe) for moe in _stage_moe_layers(cfg, config)]
+    else:
+        specs = [local_layer_spec(cfg)] * get_num_layers_to_build(config)
     if not cfg.layernorm_zero_centered_gamma:  # the final norm is the layers' own norm class
         return TransformerBlockSubmodules(
             layer_specs=specs, layer_norm=local_layer_spec(cfg).submodules.input_layernorm)
