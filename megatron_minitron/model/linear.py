@@ -39,6 +39,16 @@ def _plain(layer) -> bool:
             and getattr(layer, "gtp_remat_size", 1) == 1)
 
 
+def _plain_forward(layer, input_: torch.Tensor):
+    """``(output, bias)`` as mcore's forward returns them, on the plain path."""
+    output = torch.matmul(input_, layer.weight.t())
+    if layer.skip_bias_add:
+        return output, layer.bias
+    if layer.bias is not None:
+        output = output + layer.bias
+    return output, None
+
+
 class ColumnLinear(ColumnParallelLinear):
     """mcore's ``ColumnParallelLinear``; plain matmul on one tensor-parallel rank."""
 
@@ -46,12 +56,7 @@ class ColumnLinear(ColumnParallelLinear):
                 runtime_gather_output: Optional[bool] = None):
         if weight is not None or self.weight is None or not _plain(self):
             return super().forward(input_, weight, runtime_gather_output)
-        output = torch.matmul(input_, self.weight.t())
-        if self.skip_bias_add:
-            return output, self.bias
-        if self.bias is not None:
-            output = output + self.bias
-        return output, None
+        return _plain_forward(self, input_)
 
 
 class RowLinear(RowParallelLinear):
@@ -60,9 +65,4 @@ class RowLinear(RowParallelLinear):
     def forward(self, input_: torch.Tensor):
         if not _plain(self):
             return super().forward(input_)
-        output = torch.matmul(input_, self.weight.t())
-        if self.skip_bias_add:
-            return output, self.bias
-        if self.bias is not None:
-            output = output + self.bias
-        return output, None
+        return _plain_forward(self, input_)

@@ -45,15 +45,22 @@ class ZeroCenteredLayerNorm(torch.nn.LayerNorm):
         return F.layer_norm(hidden, self.normalized_shape, self.weight + 1, self.bias, self.eps)
 
 
+def _submodules_of(builder):
+    """The submodules of ``builder`` (a ModuleSpec, or mcore 0.19's
+    ``partial(cls, submodules=...)``)."""
+    if isinstance(builder, functools.partial):
+        return builder.keywords["submodules"]
+    return builder.submodules
+
+
 def with_submodules(builder, **replacements):
     """``builder`` (a ModuleSpec, or mcore 0.19's ``partial(cls, submodules=...)``) with some
     of its submodules replaced."""
+    submodules = dataclasses.replace(_submodules_of(builder), **replacements)
     if isinstance(builder, functools.partial):
-        keywords = dict(builder.keywords)
-        keywords["submodules"] = dataclasses.replace(keywords["submodules"], **replacements)
-        return functools.partial(builder.func, *builder.args, **keywords)
-    return dataclasses.replace(builder, submodules=dataclasses.replace(builder.submodules,
-                                                                       **replacements))
+        return functools.partial(builder.func, *builder.args,
+                                 **{**builder.keywords, "submodules": submodules})
+    return dataclasses.replace(builder, submodules=submodules)
 
 
 def local_layer_spec(cfg: ModelConfig, moe: bool = False):
@@ -129,8 +136,7 @@ def _plain_linears(builder) -> dict:
 
     from megatron_minitron.model.linear import ColumnLinear, RowLinear
 
-    submodules = (builder.keywords["submodules"] if isinstance(builder, functools.partial)
-                  else builder.submodules)
+    submodules = _submodules_of(builder)
     swap = {ColumnParallelLinear: ColumnLinear, RowParallelLinear: RowLinear}
     return {field.name: swap[getattr(submodules, field.name)]
             for field in dataclasses.fields(submodules)
@@ -164,8 +170,9 @@ def layer_spec(cfg: ModelConfig, use_te: bool, config: TransformerConfig):
     else:
         specs = [local_layer_spec(cfg)] * get_num_layers_to_build(config)
     if not cfg.layernorm_zero_centered_gamma:  # the final norm is the layers' own norm class
-        return TransformerBlockSubmodules(
-            layer_specs=specs, layer_norm=local_layer_spec(cfg).submodules.input_layernorm)
+        from megatron_minitron.model.norm import LocalNorm
+
+        return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LocalNorm)
     norms = dict(input_layernorm=ZeroCenteredLayerNorm, pre_mlp_layernorm=ZeroCenteredLayerNorm)
     specs = [dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **norms))
              for spec in specs]
