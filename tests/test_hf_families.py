@@ -210,13 +210,18 @@ def test_rope_scaling_matters(families, family):
     assert shift > 1e-2
 
 
-def test_tp2_logits(families):
+def check_tp2_logits(families):
+    """Every family's imported checkpoint gives transformers' logits at TP=2 (≤ 1e-4)."""
     root = next(iter(families.values()))["root"]
     got = _logits_at_tp(root, {n: (c["ckpt"], c["tokens"]) for n, c in families.items()}, 2)
     for name, case in families.items():
         max_abs = (got[name] - case["logits"]).abs().max().item()
         print(f"{name}: TP=2 logits max-abs {max_abs:.2e}")
         assert max_abs <= 1e-4, name
+
+
+def test_tp2_logits(families):
+    check_tp2_logits(families)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

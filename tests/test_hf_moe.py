@@ -22,7 +22,6 @@ from test_hf import (
     _assert_one_line_error,
     _assert_same_state,
     _load_hf,
-    _logits_at_tp,
     _run_cli,
 )
 
@@ -208,12 +207,9 @@ def test_wrong_expert_mapping_is_caught(families, family, edit):
 
 
 def test_tp2_logits(families):
-    root = next(iter(families.values()))["root"]
-    got = _logits_at_tp(root, {n: (c["ckpt"], c["tokens"]) for n, c in families.items()}, 2)
-    for name, case in families.items():
-        max_abs = (got[name] - case["logits"]).abs().max().item()
-        print(f"{name}: TP=2 logits max-abs {max_abs:.2e}")
-        assert max_abs <= 1e-4, name
+    from test_hf_families import check_tp2_logits
+
+    check_tp2_logits(families)
 
 
 def _logits_at_ep(jobs, ep):

@@ -19,20 +19,9 @@ from megatron_minitron.importance.aggregation import REDUCTIONS, reduce_routed
 from megatron_minitron.importance.moe import MOE_SCORE_KEYS
 from megatron_minitron.testing import spawn, tiny_config, tiny_moe_config
 from megatron_minitron.testing.models import spread_weights
-from test_importance import _same_ranking
+from test_importance import SAMPLES, SEQ, _micro_batches, _same_ranking, _samples
 
-SAMPLES, SEQ = 8, 16
 DENSE_KEYS = ("head", "query_group", "neuron", "channel", "layer_bi")
-
-
-def _samples():
-    return torch.randint(0, 256, (SAMPLES, SEQ + 1), generator=torch.Generator().manual_seed(1))
-
-
-def _micro_batches(samples, dp_rank=0, dp_size=1, mbs=2):
-    mine = samples[dp_rank::dp_size]
-    return [{"tokens": mine[i:i + mbs, :-1], "labels": mine[i:i + mbs, 1:]}
-            for i in range(0, mine.shape[0], mbs)]
 
 
 def _close(actual, expected, rtol):
