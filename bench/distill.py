@@ -167,7 +167,7 @@ def _loss_only(spec_kind, tp_group, peer_config, repeats: int):
 
     def plain():  # what one writes first: log-softmax of all-gathered logits, kl_div, autograd
         s = student.clone().requires_grad_(True)
-        from megatron_minitron.distill.losses import _gather_vocab
+        from megatron_minitron.distill.reference import _gather_vocab
 
         full_s, full_t = _gather_vocab(s, tp_group), _gather_vocab(teacher.clone(), tp_group)
         log_p = torch.log_softmax(full_s, -1)

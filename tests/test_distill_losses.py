@@ -12,8 +12,8 @@ from megatron_minitron.distill.losses import (
     _chunk_rows,
     logits_loss,
     loss_chunk_elements,
-    reference_logits_loss,
 )
+from megatron_minitron.distill.reference import reference_logits_loss
 from megatron_minitron.distill.memory import LiveTensorBytes
 from megatron_minitron.testing import spawn
 

@@ -4,7 +4,8 @@
   correction or cross-entropy run at any TP×PP×DP (×EP for mixture-of-experts models, whose
   router load-balancing loss the student trains on and logs), with exact resume.
 * :func:`logits_loss`, :func:`intermediate_loss`, :class:`LogitLossSpec` (``losses``): KD and
-  cross-entropy on vocab-parallel logits, exact at any TP size, chunked over the sequence.
+  cross-entropy on vocab-parallel logits, exact at any TP size, chunked over the sequence;
+  :func:`reference_logits_loss` (``reference``): the same written plainly, for tests.
 * :class:`DistillationModel`, :class:`LayerPair` (``model``): a student stage with its
   co-located frozen teacher stage.
 
@@ -17,8 +18,8 @@ from megatron_minitron.distill.losses import (
     LogitLossSpec,
     intermediate_loss,
     logits_loss,
-    reference_logits_loss,
 )
+from megatron_minitron.distill.reference import reference_logits_loss
 
 
 def __getattr__(name):
