@@ -163,14 +163,16 @@ def test_swiglu_gradient_in_one_buffer():
     gate, up = y.chunk(2, dim=-1)
     expected = F.silu(gate) * up
     torch.testing.assert_close(SwiGLU.apply(y), expected, rtol=0, atol=0)
+    with torch.no_grad():  # the in-place path without autograd
+        torch.testing.assert_close(mlp.swiglu(y), expected, rtol=0, atol=0)
 
 
 def test_mlp_takes_mcores_path_for_other_activations(group):
     model = adapter.build_gpt_model(tiny_config(activation="squared_relu"))
     block = adapter.decoder_layers(model)[0].mlp
-    assert not block._plain_swiglu(None, {})
+    assert not block._plain_swiglu(None)
     gated = adapter.decoder_layers(adapter.build_gpt_model(tiny_config()))[0].mlp
-    assert gated._plain_swiglu(None, {}) and not gated._plain_swiglu(torch.ones(1), {})
+    assert gated._plain_swiglu(None) and not gated._plain_swiglu(torch.ones(1))
 
 
 @CPU_ONLY
@@ -191,6 +193,59 @@ def test_rope_equals_mcores(dtype, mscale):
     other = torch.randn(7, 1, 1, 16, generator=generator)  # another tensor: recomputed
     torch.testing.assert_close(fast(t, other, mscale=mscale), original(t, other, mscale=mscale),
                                rtol=0, atol=0)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rope_gradient_equals_mcores(dtype):
+    fast = rope_utils._apply_rotary_pos_emb_bshd
+    original = fast.__wrapped__
+    generator = torch.Generator().manual_seed(0)
+    freqs = torch.randn(7, 1, 1, 16, generator=generator, dtype=dtype) * 4
+    weight = torch.randn(7, 2, 3, 16, generator=generator, dtype=dtype)
+    base = torch.randn(7, 2, 3, 16, generator=generator, dtype=dtype) * 3
+    grads = []
+    for function in (fast, original):
+        t = base.clone().requires_grad_()
+        (function(t, freqs, mscale=1.3) * weight).sum().backward()
+        grads.append(t.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+    if dtype == torch.float64:
+        t = base[:3, :1].clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: fast(t, freqs[:3]), (t,))
+
+
+def test_fast_paths_run_inside_the_model(group, monkeypatch):
+    """Each path is taken where mcore's layers call it, not only when called directly: the
+    layers pass keywords (a padding mask to the MLP, say) that a direct call does not."""
+    calls = {"linear": 0, "swiglu": 0, "rope": 0, "norm": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(linear, "_plain_forward", counted("linear", linear._plain_forward))
+    monkeypatch.setattr(mlp.SwiGLU, "apply", counted("swiglu", mlp.SwiGLU.apply))
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = adapter.build_gpt_model(cfg)
+    if not torch.cuda.is_available():
+        from megatron_minitron.compat import cpu
+        monkeypatch.setattr(cpu._Rope, "apply", counted("rope", cpu._Rope.apply))
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    _loss_and_grads(model, tokens)
+    layers = cfg.num_layers
+    assert calls["linear"] == 4 * layers and calls["swiglu"] == layers
+    if not torch.cuda.is_available():
+        assert calls["rope"] == 2 * layers  # queries and keys
+    mean = torch.mean
+    monkeypatch.setattr(torch, "mean", counted("norm", mean))
+    model.eval()
+    with torch.no_grad():
+        adapter.stage_forward(model, tokens, position_ids_for(tokens))
+    assert calls["norm"] == 2 * layers + 1
 
 
 @CPU_ONLY
