@@ -11,6 +11,7 @@ from megatron_minitron import adapter, parallel  # applies the CPU patches befor
 from megatron_minitron.model import linear, mlp
 from megatron_minitron.model.linear import ColumnLinear, RowLinear
 from megatron_minitron.model.mlp import SwiGLU, SwiGLUMLP
+from megatron_minitron.model import norm as norm_module
 from megatron_minitron.model.norm import RMSNorm
 from megatron_minitron.model.forward import position_ids_for
 from megatron_minitron.testing import tiny_config, tiny_moe_config
@@ -106,9 +107,20 @@ def test_rmsnorm_in_place_path_equals_torchs():
         fast = norm(x)
         torch.testing.assert_close(fast, torch.nn.RMSNorm.forward(norm, x), rtol=0, atol=0)
         assert not fast.requires_grad
-    trained = norm(x.requires_grad_(True))  # autograd on: torch's kernel and its backward
+    trained = norm(x.requires_grad_(True))  # autograd on: its own backward
     assert trained.grad_fn is not None
     torch.testing.assert_close(trained.detach(), fast, rtol=0, atol=0)
+    grad = torch.randn_like(x)
+    mine = torch.autograd.grad(trained, (x, norm.weight), grad)
+    reference = torch.autograd.grad(torch.nn.RMSNorm.forward(norm, x), (x, norm.weight), grad)
+    for got, expected in zip(mine, reference):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    double = RMSNorm(6, eps=1e-6).double()
+    with torch.no_grad():
+        double.weight.normal_()
+    assert torch.autograd.gradcheck(
+        lambda x, w: norm_module._RMSNormFunction.apply(x, w, 1e-6),
+        (torch.randn(4, 3, 6, dtype=torch.double, requires_grad=True), double.weight))
     with torch.no_grad():
         half = norm.to(torch.bfloat16)(x.bfloat16())  # other dtypes: torch's kernel
         torch.testing.assert_close(half, torch.nn.RMSNorm.forward(norm, x.bfloat16()),
