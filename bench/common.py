@@ -42,12 +42,14 @@ def best_of(fn: Callable[[], None], repeats: int) -> float:
 
 def interleaved_times(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, List[float]]:
     """Wall times of each fn over ``repeats`` rounds (after one warm-up call each), the calls
-    interleaved round-robin so machine noise hits all alike."""
+    interleaved round-robin so machine noise hits all alike, in reversed order every other
+    round so that none always runs after the same other."""
     for fn in fns.values():
         fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for round_ in range(repeats):
+        for name in (list(fns) if round_ % 2 == 0 else list(reversed(fns))):
+            fn = fns[name]
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)

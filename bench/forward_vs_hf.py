@@ -8,7 +8,9 @@
 Both models hold the same weights (ours exported through the package's own Hugging Face mapping
 into a transformers model built in memory). The four measurements (ours/HF × forward/
 forward+backward) run interleaved round by round in one process, so machine noise hits all
-alike; each figure is the median of the rounds. Ours runs the path every stage uses: the forward
+alike (the order reversed every other round); each time is the median of the rounds, and each
+ratio the median of the rounds' own ratios (ours / transformers of the same round, which cancels
+the machine's drift between rounds; the ratio of the medians is kept beside it). Ours runs the path every stage uses: the forward
 through mcore's pipeline schedule (``model.forward.pipeline_forward``, logits collected), the
 forward + backward through the training path's cross-entropy (``distill.losses.logits_loss``).
 Prints a table and writes bench/results/forward_vs_hf[_NAME].json; goal: ours / transformers
@@ -107,13 +109,19 @@ def _max_logit_difference(ours, hf, batch) -> float:
     return float((mine.float() - theirs.float()).abs().max())
 
 
+def _paired_ratio(times, pass_: str) -> float:
+    """Median over the rounds of ours / transformers within the round."""
+    return statistics.median(ours / hf for ours, hf in
+                             zip(times[f"ours_{pass_}"], times[f"hf_{pass_}"]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", help="checkpoint to measure (default: the ~22M bench model)")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--name", default=None, help="result file suffix")
     args = parser.parse_args()
@@ -138,9 +146,13 @@ def main():
         "tokens_per_round": tokens, "rounds": args.rounds, "micro_batch_size": mbs,
         "max_logit_difference": difference,
         "times_s": times,
-        "forward_ratio": median["ours_forward"] / median["hf_forward"],
-        "forward_backward_ratio": (median["ours_forward_backward"]
-                                   / median["hf_forward_backward"]),
+        **{f"{pass_}_ratio": _paired_ratio(times, pass_)
+           for pass_ in ("forward", "forward_backward")},
+        **{f"{pass_}_ratio_of_medians": median[f"ours_{pass_}"] / median[f"hf_{pass_}"]
+           for pass_ in ("forward", "forward_backward")},
+        **{f"{pass_}_round_ratios": [ours / hf for ours, hf in
+                                     zip(times[f"ours_{pass_}"], times[f"hf_{pass_}"])]
+           for pass_ in ("forward", "forward_backward")},
         "goal": "forward_ratio <= 1.0; forward_backward_ratio <= 1.0",
     }
     for name, seconds in median.items():
@@ -157,10 +169,12 @@ def main():
     rows = [{"pass": pass_, "ours tok/s": f"{result[f'ours_{pass_}_tokens_per_s']:.0f}",
              "transformers tok/s": f"{result[f'hf_{pass_}_tokens_per_s']:.0f}",
              "ours / transformers (time)": f"{result[f'{pass_}_ratio']:.3f}",
+             "rounds' range": "{:.3f}-{:.3f}".format(min(result[f"{pass_}_round_ratios"]),
+                                                     max(result[f"{pass_}_round_ratios"])),
              "ours of matmul ceiling": f"{result[f'ours_{pass_}_of_ceiling']:.0%}"}
             for pass_ in ("forward", "forward_backward")]
     print(f"{result['model']}, {result['parameters']:,} parameters, {args.dtype}, "
-          f"{tokens} tokens per round, median of {args.rounds}; max |logit difference| "
+          f"{tokens} tokens per round, medians of {args.rounds} rounds; max |logit difference| "
           f"{difference:.2e}; matmul ceiling {result['matmul_gflops']:.0f} GFLOP/s")
     print_table(rows, list(rows[0]))
     suffix = f"_{args.name}" if args.name else ""
