@@ -121,9 +121,21 @@ def test_rmsnorm_in_place_path_equals_torchs():
     assert torch.autograd.gradcheck(
         lambda x, w: norm_module._RMSNormFunction.apply(x, w, 1e-6),
         (torch.randn(4, 3, 6, dtype=torch.double, requires_grad=True), double.weight))
+    half = RMSNorm(48, eps=1e-6).to(torch.bfloat16)
     with torch.no_grad():
-        half = norm.to(torch.bfloat16)(x.bfloat16())  # other dtypes: torch's kernel
-        torch.testing.assert_close(half, torch.nn.RMSNorm.forward(norm, x.bfloat16()),
+        half.weight.copy_(norm.weight)
+        torch.testing.assert_close(half(x.bfloat16()), torch.nn.RMSNorm.forward(half, x.bfloat16()),
+                                   rtol=0, atol=0)  # bf16: computed in fp32, cast back
+    x16 = x.detach().bfloat16().requires_grad_(True)
+    mine = torch.autograd.grad(half(x16), (x16, half.weight), grad.bfloat16())
+    reference = torch.autograd.grad(torch.nn.RMSNorm.forward(half, x16), (x16, half.weight),
+                                    grad.bfloat16())
+    assert mine[0].dtype == torch.bfloat16 and mine[1].dtype == torch.bfloat16
+    for got, expected in zip(mine, reference):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    with torch.no_grad():
+        wide = RMSNorm(48, eps=1e-6).double()  # float64: torch's kernel
+        torch.testing.assert_close(wide(x.double()), torch.nn.RMSNorm.forward(wide, x.double()),
                                    rtol=0, atol=0)
 
 
