@@ -1,17 +1,17 @@
 """The one place that knows Megatron-Core's module names and internals.
 
 Everything else in the package talks about "layers", "attention output projection", "MLP fc1"
-through the functions here, so a change in mcore is mended in this file alone (and, for
-mixture-of-experts layers, in :mod:`megatron_minitron.adapter_moe`, whose names this module
-re-exports).
+through the functions here, so a change in mcore is mended in this file alone or in its parts,
+whose names this module re-exports: :mod:`megatron_minitron.adapter_moe` (mixture-of-experts
+layers), :mod:`megatron_minitron.adapter_norms` (norms, whichever spec) and
+:mod:`megatron_minitron.adapter_checkpoint` (state dict naming).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,6 @@ apply_cpu_patches()
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.activations import squared_relu  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from megatron_minitron.adapter_moe import (  # noqa: E402,F401 - MoE access, re-exported
@@ -46,6 +45,27 @@ from megatron_minitron.adapter_moe import (  # noqa: E402,F401 - MoE access, re-
     moe_token_sources,
     routed_experts,
     shared_expert,
+)
+from megatron_minitron.adapter_checkpoint import (  # noqa: E402,F401 - re-exported
+    extra_state_keys,
+    legacy_checkpoint_key,
+    match_checkpoint_keys,
+    megatron_lm_sharded_state_dict,
+    native_key,
+    sharded_state_dict,
+)
+from megatron_minitron.adapter_norms import (  # noqa: E402,F401 - re-exported
+    final_norm,
+    FUSED_NORM_LINEAR,
+    fused_norm_output,
+    is_norm_parameter,
+    layer_norms,
+    module_role,
+    MODULE_ROLES,
+    NO_NORM,
+    Norm,
+    NORM_PARAMETER_SUFFIXES,
+    register_module_role,
 )
 from megatron_minitron.model.specs import (  # noqa: E402,F401 - the specs, re-exported
     LayerSpecFn,
@@ -319,24 +339,6 @@ def mlp_fc2(layer) -> torch.nn.Module:
     return layer.mlp.linear_fc2
 
 
-# ---------------------------------------------------------------- norms, whichever spec
-
-NO_NORM = "no_norm"
-"""Role of a placeholder where a norm could sit (``nn.Identity``, mcore's ``IdentityOp``)."""
-FUSED_NORM_LINEAR = "fused_norm_linear"
-"""Role of a linear that applies its input norm itself (Transformer Engine's
-``LayerNormColumnParallelLinear``: ``layer_norm_weight``, ``layer_norm_bias``,
-``normalization``, ``eps``, ``zero_centered_gamma``)."""
-
-MODULE_ROLES: Dict[type, str] = {torch.nn.Identity: NO_NORM, IdentityOp: NO_NORM}
-"""mcore module class -> what it is to us; looked up along the class's MRO."""
-
-
-def register_module_role(cls: type, role: str) -> None:
-    """Tells the package what ``cls`` is (e.g. a fused norm+linear of another spec)."""
-    MODULE_ROLES[cls] = role
-
-
 def _register_te_roles() -> None:
     if te_available():
         from megatron.core.extensions.transformer_engine import TELayerNormColumnParallelLinear
@@ -345,99 +347,6 @@ def _register_te_roles() -> None:
 
 
 _register_te_roles()
-
-
-def module_role(module) -> Optional[str]:
-    """The registered role of ``module``'s class (or of a base class), else None."""
-    if module is None:
-        return NO_NORM
-    for cls in type(module).__mro__:
-        if cls in MODULE_ROLES:
-            return MODULE_ROLES[cls]
-    return None
-
-
-def fused_norm_output(module, hidden: torch.Tensor) -> torch.Tensor:
-    """The norm output a fused norm+linear computes from its input ``hidden`` [s, b, h].
-
-    Normalises in fp32 with the module's own weight, bias, epsilon and zero-centred gamma, and
-    returns the input's dtype, as Transformer Engine does.
-    """
-    weight = module.layer_norm_weight.float()
-    if getattr(module, "zero_centered_gamma", False):
-        weight = weight + 1
-    shape, eps = (hidden.shape[-1],), getattr(module, "eps", 1e-5)
-    if getattr(module, "normalization", "LayerNorm") == "RMSNorm":
-        out = F.rms_norm(hidden.float(), shape, weight, eps)
-    else:
-        bias = getattr(module, "layer_norm_bias", None)
-        out = F.layer_norm(hidden.float(), shape, weight, None if bias is None else bias.float(),
-                           eps)
-    return out.to(hidden.dtype)
-
-
-@dataclasses.dataclass
-class Norm:
-    """One norm of the model: a module of its own, or fused into the linear that follows it."""
-
-    module: torch.nn.Module
-    fused: bool = False
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.module.layer_norm_weight if self.fused else self.module.weight
-
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return getattr(self.module, "layer_norm_bias" if self.fused else "bias", None)
-
-    def register_output_hook(self, hook):
-        """Calls ``hook(module, args, norm_output)`` each time the norm runs; returns the
-        removable handle. For a fused norm the output is recomputed from the linear's input."""
-        if not self.fused:
-            return self.module.register_forward_hook(hook)
-
-        def pre_hook(module, args):
-            hook(module, args, fused_norm_output(module, args[0]))
-        return self.module.register_forward_pre_hook(pre_hook)
-
-
-_NORM_SITES = (("input_layernorm", ("self_attention", "linear_qkv")),
-               ("pre_mlp_layernorm", ("mlp", "linear_fc1")))
-"""Each norm of a layer: its own module name, and the linear it is fused into otherwise."""
-
-
-def layer_norms(layer) -> List[Norm]:
-    """The norms inside a layer (input, pre-MLP), whichever spec built it."""
-    norms = []
-    for name, (parent, child) in _NORM_SITES:
-        module = getattr(layer, name, None)
-        if module_role(module) != NO_NORM:
-            norms.append(Norm(module))
-            continue
-        linear = getattr(getattr(layer, parent), child)
-        if module_role(linear) != FUSED_NORM_LINEAR and not hasattr(linear, "layer_norm_weight"):
-            raise ValueError(f"layer {layer.layer_number}: {name} is {type(module).__name__} "
-                             f"and {parent}.{child} ({type(linear).__name__}) applies no norm; "
-                             "this layer spec is not supported")
-        norms.append(Norm(linear, fused=True))
-    return norms
-
-
-def final_norm(model: GPTModel) -> Optional[Norm]:
-    """The decoder's final norm on the last pipeline stage, else None."""
-    norm = getattr(model.decoder, "final_layernorm", None)
-    return None if module_role(norm) == NO_NORM else Norm(norm)
-
-
-NORM_PARAMETER_SUFFIXES = ("layernorm.weight", "layernorm.bias", "layer_norm_weight",
-                           "layer_norm_bias")
-"""A layer parameter (or checkpoint key) with one of these endings is a norm's [h] weight or
-bias, standalone (``input_layernorm.weight``) or fused (``linear_qkv.layer_norm_weight``)."""
-
-
-def is_norm_parameter(name: str) -> bool:
-    return name.endswith(NORM_PARAMETER_SUFFIXES)
 
 
 def layer_hidden_input(args, kwargs) -> torch.Tensor:
@@ -510,79 +419,6 @@ def rotary_positions(model: GPTModel, positions):
         yield
     finally:
         handle.remove()
-
-
-# ---------------------------------------------------------------- state dict naming
-
-# Checkpoints name the norms as Transformer Engine does (``...linear_qkv.layer_norm_weight``):
-# mcore's local spec maps its ``input_layernorm.``/``pre_mlp_layernorm.`` onto those names
-# (``sharded_state_dict_keys_map``), so Megatron-LM checkpoints read the same under both specs.
-# Checkpoints of ours written before used the local module names; they still load.
-_LEGACY_NORM_NAMES = {
-    "self_attention.linear_qkv.layer_norm_": "input_layernorm.",
-    "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm.",
-}
-
-
-def legacy_checkpoint_key(key: str) -> str:
-    """``key`` as checkpoints of ours named it before they followed mcore's scheme."""
-    for te_name, local_name in _LEGACY_NORM_NAMES.items():
-        at = key.rfind(te_name)
-        if at >= 0 and (at == 0 or key[at - 1] == "."):
-            return key[:at] + local_name + key[at + len(te_name):]
-    return key
-
-
-def match_checkpoint_keys(sharded: Dict, checkpoint_keys: Iterable[str]) -> Dict:
-    """Renames, in place, the sharded tensors of a load request that the checkpoint holds only
-    under their other norm names (see :func:`legacy_checkpoint_key`), either way: the local
-    spec saves a MoE layer's pre-MLP norm under the fused name
-    (``mlp.linear_fc1.layer_norm_weight``), the Transformer Engine spec under its own module's
-    (``pre_mlp_layernorm.weight``). Returns ``sharded``."""
-    present = set(checkpoint_keys)
-    for value in sharded.values():
-        key = getattr(value, "key", None)
-        if key is not None and key not in present:
-            for other in (legacy_checkpoint_key(key), native_key(key)):
-                if other in present:
-                    value.key = other
-                    break
-    return sharded
-
-
-def sharded_state_dict(model: GPTModel) -> Dict:
-    """mcore's sharded state dict of ``model`` (weights only, no extra state).
-
-    Keys follow mcore's scheme whichever spec built the model (Transformer Engine names for
-    the norms), so a checkpoint saved under one spec loads under the other.
-    """
-    return {key: value for key, value in model.sharded_state_dict().items()
-            if not key.endswith("_extra_state")}
-
-
-def native_key(key: str) -> str:
-    """mcore's name of a stored key that may use the former names (the inverse of
-    :func:`legacy_checkpoint_key`)."""
-    for te_name, local_name in _LEGACY_NORM_NAMES.items():
-        at = key.rfind(local_name)
-        if at >= 0 and (at == 0 or key[at - 1] == "."):
-            return key[:at] + te_name + key[at + len(local_name):]
-    return key
-
-
-def megatron_lm_sharded_state_dict(model: GPTModel) -> Dict:
-    """The model part of a Megatron-LM checkpoint: ``model.sharded_state_dict()`` as its
-    ``generate_state_dict`` saves it (weights and the linears' empty extra state)."""
-    return model.sharded_state_dict()
-
-
-def extra_state_keys(cfg: ModelConfig) -> List[str]:
-    """Unique keys (``key/shard_offset_shape``) of the extra-state objects the local spec's
-    GPTModel for ``cfg`` saves: one per layer for each of its four linears."""
-    linears = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1",
-               "mlp.linear_fc2")
-    return [f"decoder.layers.{name}._extra_state/shard_{layer}_{cfg.num_layers}"
-            for name in linears for layer in range(cfg.num_layers)]
 
 
 def get_tp_group():

@@ -6,11 +6,12 @@ distillation in bf16 on a tiny model and on SmolLM2-135M, compared with CPU fp32
     python -m megatron_minitron.gpu_check --tiny                  # CPU stand-in of the tiny part
 
 The GPU machine has no network and receives at most 64 MiB of files per command, so ``--pack``
-(:mod:`megatron_minitron.gpu_pack`) writes what it needs into DIR: ``common/`` (the megatron-core, gguf and psutil wheels, a text
-corpus, a tiny checkpoint with its tokenizer, and ``reference.pt``: the CPU fp32 importance
-scores, eval loss and first distillation-step loss of both models, about 6 MiB) and SmolLM2's
-GGUF file cut into ``part0.bin`` and ``part1.bin`` (47 MiB each): send ``part0.bin`` with one
-command and ``part1.bin`` with ``common/`` in the next.
+(:mod:`megatron_minitron.gpu_pack`) writes what it needs into DIR: ``common/`` (the
+megatron-core, gguf and psutil wheels, a text corpus, a tiny checkpoint with its tokenizer, and
+``reference.pt``: the CPU fp32 importance scores, eval loss and first distillation-step loss of
+both models, about 6 MiB) and SmolLM2's GGUF file cut into ``part0.bin`` and ``part1.bin``
+(47 MiB each): send ``part0.bin`` with one command and ``part1.bin`` with ``common/`` in the
+next.
 ``--pack-dir DIR`` (what the shell script runs) joins the parts, imports SmolLM2 and checks both
 models; it writes ``bench/results/gpu_check.json`` with the device name. Per model it reports the
 Spearman rank correlation of every importance score kind with the CPU fp32 scores, the eval loss
