@@ -72,6 +72,24 @@ def matmul_flops_per_s(dtype: torch.dtype = torch.float32, size: int = 2048,
     return 2 * size ** 3 / seconds
 
 
+def matmul_weights(cfg) -> int:
+    """Parameters that multiply every token (all but an untied input embedding table, a lookup):
+    a forward costs 2 FLOPs per token for each, a forward + backward 6."""
+    from megatron_minitron.config import count_parameters
+
+    total = count_parameters(cfg)["total"]
+    return total - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+
+
+def ceiling_shares(result: Dict, flops_per_token: Dict[str, float],
+                   flops_per_s: float) -> None:
+    """Adds ``<name>_of_ceiling`` to ``result`` for each ``<name>_tokens_per_s`` figure named in
+    ``flops_per_token``: the share of ``flops_per_s`` (this machine's measured matrix-multiply
+    rate, :func:`matmul_flops_per_s`) that the stage's model FLOPs reach."""
+    for name, flops in flops_per_token.items():
+        result[f"{name}_of_ceiling"] = result[f"{name}_tokens_per_s"] * flops / flops_per_s
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

@@ -266,8 +266,12 @@ def worker(tp: int, repeats: int, quick: bool, peer: bool, out: str) -> None:
     base = seconds["teacher_forward"] + seconds["student_fwd_bwd"]
     cpu_base = cpu["teacher_forward"] + cpu["student_fwd_bwd"]
     variants = [k for k in ("distill_step", "modelopt_step", "ce_step") if k in seconds]
+    from common import matmul_flops_per_s
+
     result = {
         "tp": tp, "threads_per_rank": torch.get_num_threads(),
+        # every rank measures at once, as they run: the ceiling of the TP group is their sum
+        "matmul_gflops": tp * matmul_flops_per_s() / 1e9,
         "seconds": {k: round(v, 4) for k, v in seconds.items()},
         "cpu_seconds": {k: round(v, 4) for k, v in cpu.items()},
         "tokens_per_second": {k: round(BATCH * SEQ / v, 1) for k, v in seconds.items()},
@@ -336,7 +340,7 @@ def main() -> int:
         runs[f"tp{tp}"]["wall_seconds"] = round(time.time() - started, 1)
         _print(runs[f"tp{tp}"])
     teacher, student = model_configs(args.quick)
-    report = dict(_headline(runs), **{
+    report = dict(_headline(runs, teacher, student), **{
         "benchmark": "distillation step vs teacher forward + student forward-backward",
         "command": "python bench/distill.py" + (" --quick" if args.quick else "")
         + f" --repeats {args.repeats} --threads {args.threads}",
@@ -357,15 +361,23 @@ def main() -> int:
     return 0
 
 
-def _headline(runs):
+def _headline(runs, teacher, student):
     """Top-level figures and the goal, as bench/run_all.py summarises them."""
+    from common import ceiling_shares, matmul_weights
+
     figures = {}
+    # a distillation step: the student's forward and backward, the teacher's forward
+    step_flops = 6 * matmul_weights(student) + 2 * matmul_weights(teacher)
     for key, run in runs.items():
         ratios = run["ratio_to_teacher_fwd_plus_student_fwd_bwd"]
         figures[f"distill_step_ratio_{key}"] = ratios["distill_step"]
         if "modelopt_step" in ratios:
             figures[f"modelopt_step_ratio_{key}"] = ratios["modelopt_step"]
         figures[f"distill_step_tokens_per_s_{key}"] = run["tokens_per_second"]["distill_step"]
+        figures[f"matmul_gflops_{key}"] = round(run["matmul_gflops"], 1)
+        shares = {"distill_step_tokens_per_s": figures[f"distill_step_tokens_per_s_{key}"]}
+        ceiling_shares(shares, {"distill_step": step_flops}, run["matmul_gflops"] * 1e9)
+        figures[f"distill_step_of_ceiling_{key}"] = round(shares["distill_step_of_ceiling"], 3)
         mb = 1 << 20
         extra = {k: (v - run["peak_bytes"]["student_fwd_bwd"]) / mb
                  for k, v in run["peak_bytes"].items()}

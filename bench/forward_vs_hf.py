@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import (interleaved_times, matmul_flops_per_s, model_20m, print_table,  # noqa: E402
-                    write_result)
+from common import (ceiling_shares, interleaved_times, matmul_flops_per_s,  # noqa: E402
+                    matmul_weights, model_20m, print_table, write_result)
 
 
 def _models(load, dtype):
@@ -160,12 +160,10 @@ def main():
     # against this machine's matrix-multiply rate in the same dtype: 2N FLOPs per token forward,
     # 6N forward + backward (N = parameters outside the embedding lookup)
     ceiling = matmul_flops_per_s(dtype)
-    weights = result["parameters"] - (0 if cfg.tie_word_embeddings else
-                                      cfg.vocab_size * cfg.hidden_size)
+    weights = matmul_weights(cfg)
     result["matmul_gflops"] = ceiling / 1e9
-    for name in median:
-        per_token = (6 if name.endswith("backward") else 2) * weights
-        result[f"{name}_of_ceiling"] = result[f"{name}_tokens_per_s"] * per_token / ceiling
+    ceiling_shares(result, {name: (6 if name.endswith("backward") else 2) * weights
+                            for name in median}, ceiling)
     rows = [{"pass": pass_, "ours tok/s": f"{result[f'ours_{pass_}_tokens_per_s']:.0f}",
              "transformers tok/s": f"{result[f'hf_{pass_}_tokens_per_s']:.0f}",
              "ours / transformers (time)": f"{result[f'{pass_}_ratio']:.3f}",

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import interleaved, model_20m, print_table, write_result  # noqa: E402
+from common import (ceiling_shares, interleaved, matmul_flops_per_s,  # noqa: E402
+                    matmul_weights, model_20m, print_table, write_result)
 
 
 def _setup(load, samples, seq, mbs):
@@ -100,10 +101,17 @@ def main():
             score_floats * 8 / mb + activation_mb),
         "goal": "time_ratio <= 1.05; extra_memory_ratio <= 1.0",
     }
+    tokens = args.samples * args.seq_length
+    result["plain_tokens_per_s"] = tokens / times["plain"]
+    result["importance_tokens_per_s"] = tokens / times["hooked"]
+    ceiling = matmul_flops_per_s(torch.float32)
+    result["matmul_gflops"] = ceiling / 1e9
+    ceiling_shares(result, {name: 2 * matmul_weights(cfg) for name in ("plain", "importance")},
+                   ceiling)
     print_table([{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in result.items()}],
                 ["model", "parameters", "tokens_per_pass", "plain_forward_s",
-                 "importance_pass_s", "time_ratio", "plain_peak_mb", "extra_memory_mb",
-                 "score_buffers_mb", "mlp_activation_mb"])
+                 "importance_pass_s", "time_ratio", "importance_of_ceiling", "plain_peak_mb",
+                 "extra_memory_mb", "score_buffers_mb", "mlp_activation_mb"])
     print("wrote", write_result("importance" + (f"_{args.name}" if args.name else ""), result))
 
 

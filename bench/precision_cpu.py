@@ -7,7 +7,8 @@ Runs ``minitron importance`` (width scores and layer Block Importance, no layer 
 ``minitron eval`` (held-out loss) once with ``--precision fp32`` and once with ``--precision
 bf16``, in this process, timing each command. Reports tokens/s per stage and precision, the
 Spearman rank correlation of every score kind between the two precisions, and the eval loss
-difference. Goal (the bar for offering bf16 on the CPU): Spearman >= 0.99 for every kind and
+difference, and each stage's model FLOPs (2 per weight and token) as a share of this machine's
+measured matrix-multiply rate in its precision. Goal (the bar for offering bf16 on the CPU): Spearman >= 0.99 for every kind and
 |eval loss difference| <= 0.01. Training speed in bf16 is in bench/forward_vs_hf.py --dtype bf16.
 Prints a table and writes bench/results/precision_cpu[_NAME].json.
 """
@@ -27,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import print_table, write_result  # noqa: E402
+from common import (ceiling_shares, matmul_flops_per_s, matmul_weights,  # noqa: E402
+                    print_table, write_result)
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -90,10 +92,20 @@ def main():
                                / stages["eval_fp32_tokens_per_s"]),
         "goal": "spearman_min >= 0.99; eval_loss_abs_diff <= 0.01",
     }
+    from megatron_minitron.checkpoint.io import load_config
+
+    forward_flops = 2 * matmul_weights(load_config(args.load))
+    for precision, dtype in zip(PRECISIONS, (torch.float32, torch.bfloat16)):
+        rate = matmul_flops_per_s(dtype)  # each precision against its own matmul rate
+        result[f"matmul_gflops_{precision}"] = rate / 1e9
+        ceiling_shares(result, {f"{stage}_{precision}": forward_flops
+                                for stage in ("importance", "eval")}, rate)
     rows = [{"stage": stage,
              "fp32 tok/s": f"{stages[f'{stage}_fp32_tokens_per_s']:.0f}",
              "bf16 tok/s": f"{stages[f'{stage}_bf16_tokens_per_s']:.0f}",
-             "bf16 speed-up": f"{result[f'{stage}_speedup_ratio']:.2f}x"}
+             "bf16 speed-up": f"{result[f'{stage}_speedup_ratio']:.2f}x",
+             "of matmul ceiling (fp32, bf16)": "{:.0%}, {:.0%}".format(
+                 result[f"{stage}_fp32_of_ceiling"], result[f"{stage}_bf16_of_ceiling"])}
             for stage in ("importance", "eval")]
     print_table(rows, list(rows[0]))
     print("Spearman bf16 vs fp32: " + ", ".join(f"{k} {v:.4f}" for k, v in agreement.items()))
