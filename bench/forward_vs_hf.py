@@ -83,9 +83,9 @@ def _passes(ours, hf, batches):
         with cuda_to_cpu():
             for batch in batches:
                 tokens = batch["tokens"]
-                with model_compute():
+                with model_compute():  # the model and its loss, as the trainer runs them
                     logits = adapter.stage_forward(ours, tokens, position_ids_for(tokens))
-                result = logits_loss(logits, None, batch["labels"].t(), None, spec)
+                    result = logits_loss(logits, None, batch["labels"].t(), None, spec)
                 (result.total / result.tokens).backward()
         ours.zero_grad(set_to_none=True)
 

@@ -283,7 +283,18 @@ def _forward_step(loss_spec: LogitLossSpec, data_iterator, model):
 
 def _loss(loss_spec: LogitLossSpec, labels, mask, output):
     """Token sums of the step's loss (mcore's per-token mode divides by the global count):
-    ``total = kd_weight·KD + ce_weight·CE + α·IS`` with ``α = KD / IS`` detached."""
+    ``total = kd_weight·KD + ce_weight·CE + α·IS`` with ``α = KD / IS`` detached.
+
+    Runs outside the CPU shim's function mode, like the model: the loss makes no CUDA calls,
+    and the mode's Python hook on each of its few thousand ops (a few dozen per chunk) cost
+    about 5% of a CPU training step."""
+    from megatron_minitron.compat.cpu import model_compute
+
+    with model_compute():
+        return _loss_terms(loss_spec, labels, mask, output)
+
+
+def _loss_terms(loss_spec: LogitLossSpec, labels, mask, output):
     from megatron_minitron import adapter
 
     result = logits_loss(output.student_logits, output.teacher_logits, labels, mask, loss_spec,
