@@ -10,9 +10,10 @@ into a transformers model built in memory). The four measurements (ours/HF × fo
 forward+backward) run interleaved round by round in one process, so machine noise hits all
 alike (the order reversed every other round); each time is the median of the rounds, and each
 ratio the median of the rounds' own ratios (ours / transformers of the same round, which cancels
-the machine's drift between rounds; the ratio of the medians is kept beside it). Ours runs the path every stage uses: the forward
-through mcore's pipeline schedule (``model.forward.pipeline_forward``, logits collected), the
-forward + backward through the training path's cross-entropy (``distill.losses.logits_loss``).
+the machine's drift between rounds; the ratio of the medians is kept beside it). Ours runs the
+path every stage uses: the forward through mcore's pipeline schedule
+(``model.forward.pipeline_forward``, logits collected), the forward + backward through the
+training path's cross-entropy (``distill.losses.logits_loss``).
 Prints a table and writes bench/results/forward_vs_hf[_NAME].json; goal: ours / transformers
 ≤ 1.0 for both.
 """
@@ -109,12 +110,6 @@ def _max_logit_difference(ours, hf, batch) -> float:
     return float((mine.float() - theirs.float()).abs().max())
 
 
-def _paired_ratio(times, pass_: str) -> float:
-    """Median over the rounds of ours / transformers within the round."""
-    return statistics.median(ours / hf for ours, hf in
-                             zip(times[f"ours_{pass_}"], times[f"hf_{pass_}"]))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", help="checkpoint to measure (default: the ~22M bench model)")
@@ -139,6 +134,9 @@ def main():
     difference = _max_logit_difference(ours, hf, batches[0])
     times = interleaved_times(_passes(ours, hf, batches), args.rounds)
     median = {name: statistics.median(values) for name, values in times.items()}
+    # ours / transformers within each round: the ratio reported is their median
+    rounds = {pass_: [ours / hf for ours, hf in zip(times[f"ours_{pass_}"], times[f"hf_{pass_}"])]
+              for pass_ in ("forward", "forward_backward")}
     tokens = args.samples * args.seq_length
     result = {
         "model": ("checkpoint " + args.load) if args.load else "22M bench model",
@@ -146,13 +144,10 @@ def main():
         "tokens_per_round": tokens, "rounds": args.rounds, "micro_batch_size": mbs,
         "max_logit_difference": difference,
         "times_s": times,
-        **{f"{pass_}_ratio": _paired_ratio(times, pass_)
-           for pass_ in ("forward", "forward_backward")},
+        **{f"{pass_}_ratio": statistics.median(rounds[pass_]) for pass_ in rounds},
         **{f"{pass_}_ratio_of_medians": median[f"ours_{pass_}"] / median[f"hf_{pass_}"]
-           for pass_ in ("forward", "forward_backward")},
-        **{f"{pass_}_round_ratios": [ours / hf for ours, hf in
-                                     zip(times[f"ours_{pass_}"], times[f"hf_{pass_}"])]
-           for pass_ in ("forward", "forward_backward")},
+           for pass_ in rounds},
+        **{f"{pass_}_round_ratios": rounds[pass_] for pass_ in rounds},
         "goal": "forward_ratio <= 1.0; forward_backward_ratio <= 1.0",
     }
     for name, seconds in median.items():
